@@ -1,0 +1,92 @@
+"""Run a GraphDef in a TensorFlow session: the one place graphs are executed.
+
+Used by constant folding, calibration, evaluation, benchmarks and tests.
+TensorFlow errors from running are turned into graphquant errors naming the
+node, never a traceback from deep inside TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+from tensorflow.core.framework import graph_pb2
+
+from graphquant.errors import GraphQuantError, NodeNotFoundError
+from graphquant.graph import GraphIndex, canonical_tensor, suggest_names
+from graphquant.runtime import tf
+
+
+class GraphRunner:
+    """A loaded graph and session; call it with feeds to get the fetched arrays."""
+
+    def __init__(self, graph_def: graph_pb2.GraphDef, fetches: Sequence[str],
+                 threads: Optional[int] = None):
+        t = tf()
+        self.fetches = [canonical_tensor(f) for f in fetches]
+        self.graph = t.Graph()
+        with self.graph.as_default():
+            try:
+                t.graph_util.import_graph_def(graph_def, name="")
+            except (ValueError, TypeError, t.errors.OpError) as exc:
+                raise GraphQuantError(f"TensorFlow cannot load the graph: {_first_line(exc)}",
+                                      "check the graph with `graphquant inspect`") from None
+        index = GraphIndex(graph_def)
+        for name in self.fetches:
+            if name.split(":")[0] not in index:
+                raise NodeNotFoundError(f"no tensor '{name}' in the graph",
+                                        suggest_names(name.split(":")[0], index.nodes))
+        config = t.compat.v1.ConfigProto()
+        if threads:
+            config.intra_op_parallelism_threads = threads
+            config.inter_op_parallelism_threads = 1
+        self.session = t.compat.v1.Session(graph=self.graph, config=config)
+        self._fetch_tensors = [self.graph.get_tensor_by_name(f) for f in self.fetches]
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
+        t = tf()
+        feed_dict = {self.graph.get_tensor_by_name(canonical_tensor(k)): v
+                     for k, v in feeds.items()}
+        try:
+            return self.session.run(self._fetch_tensors, feed_dict)
+        except t.errors.OpError as exc:
+            node = getattr(exc.op, "name", None) if getattr(exc, "op", None) else None
+            where = f" at node '{node}'" if node else ""
+            raise GraphQuantError(f"running the graph failed{where}: {_first_line(exc.message)}",
+                                  "check input shapes and dtypes against `graphquant inspect`"
+                                  ) from None
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_graph(graph_def: graph_pb2.GraphDef, feeds: Mapping[str, np.ndarray],
+              fetches: Sequence[str]) -> List[np.ndarray]:
+    """Run ``graph_def`` once: ``feeds`` maps tensor names to arrays."""
+    with GraphRunner(graph_def, fetches) as runner:
+        return runner(feeds)
+
+
+def tensor_shapes(graph_def: graph_pb2.GraphDef) -> Dict[str, Optional[List[Optional[int]]]]:
+    """Static shape of each node's first output as TensorFlow infers it (None if unknown)."""
+    t = tf()
+    graph = t.Graph()
+    with graph.as_default():
+        t.graph_util.import_graph_def(graph_def, name="")
+    shapes = {}
+    for op in graph.get_operations():
+        if op.outputs:
+            shape = op.outputs[0].shape
+            shapes[op.name] = None if shape.rank is None else shape.as_list()
+    return shapes
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

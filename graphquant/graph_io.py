@@ -1,0 +1,173 @@
+"""Load, validate and save frozen GraphDefs: every bad file gets one clear error.
+
+``load_graph_def`` reads binary ``.pb`` or text ``.pbtxt`` (chosen by content,
+not only by extension), then :func:`validate_graph_def` checks what would
+otherwise fail deep inside TensorFlow.  ``save_graph_def`` writes through a
+temporary file and a rename, so a failed run never leaves half a file, and
+refuses to overwrite the input.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from typing import Optional
+
+from google.protobuf import message, text_format
+from tensorflow.core.framework import graph_pb2
+
+from graphquant.errors import InvalidGraphError, NotFrozenError, OutputPathError
+from graphquant.graph import VARIABLE_OPS, node_name, suggest_names
+
+_TEXT_EXTENSIONS = (".pbtxt", ".txt", ".prototxt")
+_FREEZE_HOWTO = (
+    "freeze it first: for a Keras model or SavedModel run `python tools/export.py MODEL -o frozen.pb` "
+    "(it calls tf.function + convert_variables_to_constants_v2); for a TF1 checkpoint use "
+    "tf.compat.v1.graph_util.convert_variables_to_constants"
+)
+
+
+def load_graph_def(path: str, validate: bool = True) -> graph_pb2.GraphDef:
+    """Read a frozen GraphDef from ``path`` (binary or text protobuf)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "saved_model.pb")):
+            raise InvalidGraphError(f"'{path}' is a SavedModel directory, not a frozen graph",
+                                    _FREEZE_HOWTO)
+        raise InvalidGraphError(f"'{path}' is a directory, not a GraphDef file",
+                                "pass the path of a frozen .pb or .pbtxt file")
+    if not os.path.exists(path):
+        raise InvalidGraphError(f"'{path}' does not exist", "check the path")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise InvalidGraphError(f"'{path}' is empty", "re-export the frozen graph")
+    graph_def = _parse(path, data)
+    if validate:
+        validate_graph_def(graph_def, source=path)
+    return graph_def
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:4096]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    stripped = text.lstrip()
+    return stripped.startswith(("node", "versions", "library", "#")) and "\x00" not in text
+
+
+def _parse(path: str, data: bytes) -> graph_pb2.GraphDef:
+    graph_def = graph_pb2.GraphDef()
+    as_text = path.endswith(_TEXT_EXTENSIONS) or _looks_like_text(data)
+    if as_text:
+        try:
+            text_format.Parse(data.decode("utf-8"), graph_def)
+            return graph_def
+        except (text_format.ParseError, UnicodeDecodeError) as exc:
+            if path.endswith(_TEXT_EXTENSIONS) and not _looks_like_text(data):
+                # a binary file named .pbtxt: fall through to the binary reader
+                graph_def = graph_pb2.GraphDef()
+            else:
+                raise InvalidGraphError(
+                    f"'{path}' is not a valid text GraphDef: {_first_line(exc)}",
+                    "pass a frozen GraphDef in text (.pbtxt) or binary (.pb) form",
+                ) from None
+    try:
+        graph_def.ParseFromString(data)
+    except (message.DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidGraphError(
+            f"'{path}' is not a GraphDef or is truncated/corrupt ({_first_line(exc)}; "
+            f"{len(data)} bytes)",
+            "re-export the frozen graph; a SavedModel or Keras file must be frozen first: "
+            "python tools/export.py MODEL -o frozen.pb",
+        ) from None
+    if not graph_def.node:
+        raise InvalidGraphError(f"'{path}' parsed as a GraphDef with no nodes (not a GraphDef?)",
+                                "pass a frozen GraphDef (.pb)")
+    return graph_def
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def validate_graph_def(graph_def: graph_pb2.GraphDef, source: str = "graph") -> None:
+    """Raise one clear error for the first thing that makes the graph unusable."""
+    from tensorflow.python.framework import op_def_registry
+
+    names = collections.Counter(n.name for n in graph_def.node)
+    for node in graph_def.node:
+        if not node.name or not node.op:
+            raise InvalidGraphError(
+                f"{source}: a node has an empty {'name' if not node.name else 'op'} "
+                f"(node '{node.name}', op '{node.op}') - the file is corrupt",
+                "re-export the frozen graph")
+    dups = sorted(n for n, c in names.items() if c > 1)
+    if dups:
+        raise InvalidGraphError(f"{source}: duplicate node names: {', '.join(dups[:5])}",
+                                "node names must be unique; re-export the graph")
+    variables = [n for n in graph_def.node if n.op in VARIABLE_OPS]
+    if variables:
+        shown = ", ".join(f"{n.name} ({n.op})" for n in variables[:3])
+        raise NotFrozenError(
+            f"{source}: the graph is not frozen - {len(variables)} variable node(s) left: {shown}",
+            _FREEZE_HOWTO)
+    functions = {f.signature.name for f in graph_def.library.function}
+    for node in graph_def.node:
+        for inp in node.input:
+            if node_name(inp) not in names:
+                raise InvalidGraphError(
+                    f"{source}: node '{node.name}' ({node.op}) reads '{inp}', which no node "
+                    f"produces; {suggest_names(node_name(inp), names)}",
+                    "the graph is incomplete or corrupt; re-export it")
+        if op_def_registry.get(node.op) is None and node.op not in functions:
+            raise InvalidGraphError(
+                f"{source}: node '{node.name}' has op '{node.op}', which this TensorFlow does "
+                "not know (a custom op, or an op from a newer TensorFlow)",
+                "load the library that registers it, or export the model without it")
+
+
+def save_graph_def(graph_def: graph_pb2.GraphDef, path: str,
+                   input_path: Optional[str] = None) -> None:
+    """Write ``graph_def`` to ``path`` atomically (text if it ends in .pbtxt)."""
+    path = os.fspath(path)
+    check_output_path(path, input_path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if path.endswith(_TEXT_EXTENSIONS):
+        data = text_format.MessageToString(graph_def).encode("utf-8")
+    else:
+        data = graph_def.SerializeToString(deterministic=True)
+    fd, tmp = tempfile.mkstemp(prefix=".graphquant-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_output_path(path: str, input_path: Optional[str] = None) -> None:
+    """Fail before any work when ``path`` cannot be the output."""
+    if not path:
+        raise OutputPathError("no output path given", "pass -o OUT.pb")
+    if os.path.isdir(path):
+        raise OutputPathError(f"output path '{path}' is a directory",
+                              "give a file name, e.g. -o model_int8.pb")
+    if input_path is not None and os.path.abspath(path) == os.path.abspath(input_path) or (
+        input_path is not None and os.path.exists(path) and os.path.exists(input_path)
+        and os.path.samefile(path, input_path)
+    ):
+        raise OutputPathError(f"output path '{path}' is the input file; refusing to overwrite it",
+                              "write to a new file, e.g. -o model_int8.pb")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OutputPathError(f"output directory '{directory}' does not exist",
+                              "create it first or choose another path")
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise OutputPathError(f"cannot write '{path}' (permission denied)",
+                              "choose a path you can write to")

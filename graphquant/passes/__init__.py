@@ -1,0 +1,1 @@
+"""One module per pass; each registers itself by name (see graphquant.pipeline)."""

@@ -1,0 +1,34 @@
+"""remove_unused_nodes: drop every node that no graph output depends on.
+
+Before::                               After::
+
+    x -> a -> out                          x -> a -> out
+    x -> b (read by nothing)               (b gone)
+    NoOp, Assert, orphan Const             (gone)
+
+Graph inputs always stay, even when unread, so the graph's interface does not
+change.  Outputs are ``ctx.outputs`` (inferred when the user gave none).
+"""
+
+from __future__ import annotations
+
+from graphquant.graph import node_name
+from graphquant.pipeline import register_pass
+
+
+@register_pass("remove_unused_nodes")
+def remove_unused_nodes(graph_def, ctx):
+    by_name = {n.name: n for n in graph_def.node}
+    keep = set()
+    stack = [node_name(t) for t in ctx.outputs] + list(ctx.inputs)
+    while stack:
+        name = stack.pop()
+        if name in keep or name not in by_name:
+            continue
+        keep.add(name)
+        stack.extend(node_name(i) for i in by_name[name].input)
+    out = type(graph_def)()
+    out.versions.CopyFrom(graph_def.versions)
+    out.library.CopyFrom(graph_def.library)
+    out.node.extend(n for n in graph_def.node if n.name in keep)
+    return out
