@@ -12,7 +12,9 @@ A pattern is a literal tree of op types, written the way the subgraph is drawn::
 
 ``op`` is an op type, ``A|B`` for alternatives or ``*`` for anything.  ``inputs``
 (when given) must match the node's data inputs one for one; ``commutative``
-also tries two inputs swapped; ``where`` is an extra predicate on the node.
+also tries two inputs swapped; ``where`` is an extra predicate on the node;
+``keep=True`` constrains a node (and what is under it) without making it part
+of what the rewrite replaces, like a wildcard.
 A ``name`` used twice must bind the same node both times (diamonds).
 
 :func:`rewrite` finds matches, asks a callback for the replacement, and applies
@@ -42,6 +44,7 @@ class OpTypePattern:
     inputs: Optional[Sequence["OpTypePattern"]] = None
     where: Optional[Callable[[NodeDef], bool]] = None
     commutative: bool = False
+    keep: bool = False  # matched and constrained, but left in place like a wildcard
 
     def __post_init__(self):
         if self.inputs is not None:
@@ -98,7 +101,7 @@ def match_at(index: GraphIndex, node: NodeDef, pattern: OpTypePattern) -> Option
 
 
 def _match(index: GraphIndex, node: NodeDef, via: str, pattern: OpTypePattern,
-           m: Match) -> Optional[Match]:
+           m: Match, kept: bool = False) -> Optional[Match]:
     if not pattern.accepts(node):
         return None
     if pattern.name is not None:
@@ -112,7 +115,11 @@ def _match(index: GraphIndex, node: NodeDef, via: str, pattern: OpTypePattern,
         return m
     if parse_tensor_name(via).port != 0 and node is not m.root:
         return None  # an op pattern matches the node's first output only
-    m.matched.append(node)
+    kept = kept or pattern.keep
+    if kept:
+        m.boundary.add(node.name)
+    else:
+        m.matched.append(node)
     if pattern.inputs is None:
         return m
     ins = data_inputs(node)
@@ -128,7 +135,7 @@ def _match(index: GraphIndex, node: NodeDef, via: str, pattern: OpTypePattern,
             if producer is None:
                 trial = None
                 break
-            trial = _match(index, producer, ins[i], sub, trial)
+            trial = _match(index, producer, ins[i], sub, trial, kept)
             if trial is None:
                 break
         if trial is not None:

@@ -148,3 +148,24 @@ def test_callback_returning_none_leaves_graph_untouched():
     gd, _ = _conv_bias_relu_graph()
     out, count = rewrite(gd, CONV_BIAS_RELU, lambda m, c: None)
     assert count == 0 and [n.name for n in out.node] == [n.name for n in gd.node]
+
+
+def test_kept_subpattern_constrains_but_is_not_removed_or_vetoed():
+    t = tf()
+
+    def body(x):
+        r = t.nn.relu(x, name="r")
+        return [t.nn.relu6(r, name="r6"), t.identity(r, name="other")]
+
+    gd, _ = build_graph(body, x=[2])
+    pat = OpTypePattern("Relu6", name="r6", inputs=[OpTypePattern("Relu", name="r", keep=True,
+                                                                  inputs=[Any("x")])])
+    new = lambda m, c: Replacement(nodes=[make_node("Relu", m["r6"].name, [m["r"].name],
+                                                    T=np.float32)])
+    out, count = rewrite(gd, pat, new)
+    assert count == 1
+    names = {n.name: n for n in out.node}
+    assert names["r"].op == "Relu" and names["r6"].op == "Relu" and "other" in names
+    # a kept node of the wrong type still makes the match fail
+    wrong = OpTypePattern("Relu6", inputs=[OpTypePattern("Sigmoid", keep=True)])
+    assert rewrite(gd, wrong, new)[1] == 0
