@@ -19,6 +19,7 @@ import warnings
 _DEFAULTS = {"TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 _MIN_VERSION = (2, 21)
 _tf = None
+_configured = False
 
 
 def onednn_enabled() -> bool:
@@ -30,12 +31,18 @@ def configure_environment() -> None:
     """Set graphquant's TensorFlow settings, or warn if it is too late for them.
 
     Called when ``graphquant`` is imported, so it runs before any submodule
-    imports TensorFlow.
+    imports TensorFlow.  A setting the user made (even ``TF_ENABLE_ONEDNN_OPTS=0``)
+    is respected silently; the warning is for TensorFlow imported earlier with
+    no setting at all.
     """
+    global _configured
+    if _configured:
+        return
+    _configured = True
     if "tensorflow" not in sys.modules:
         for key, value in _DEFAULTS.items():
             os.environ.setdefault(key, value)
-    elif not onednn_enabled():
+    elif "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
         warnings.warn(
             "TensorFlow was imported before graphquant without TF_ENABLE_ONEDNN_OPTS=1: "
             "fp32 graphs run without oneDNN (slower baselines). Set "
