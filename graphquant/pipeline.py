@@ -41,7 +41,7 @@ class PassContext:
     inputs: List[str] = field(default_factory=list)    # node names of graph inputs
     outputs: List[str] = field(default_factory=list)   # tensor names of graph outputs
     options: Dict[str, object] = field(default_factory=dict)
-    notes: List[Dict[str, str]] = field(default_factory=list)
+    notes: List[Dict[str, object]] = field(default_factory=list)
     debug: bool = False
 
     @property
@@ -49,9 +49,18 @@ class PassContext:
         """Node names that must keep existing under their names."""
         return {node_name(t) for t in self.outputs} | {node_name(t) for t in self.inputs}
 
-    def note(self, pass_name: str, node: str, message: str) -> None:
-        """Record something the user should read in the report (e.g. why not folded)."""
-        self.notes.append({"pass": pass_name, "node": node, "message": message})
+    def note(self, pass_name: str, node: str, message: str, kind: str = "note", **info) -> None:
+        """Record something the user should read in the report.
+
+        ``kind`` is ``note`` (e.g. why something was not folded), ``fp32`` (a
+        node left in float, ``message`` says why) or ``int8`` (a node
+        quantized; ``info`` carries its op, ranges...).
+        """
+        self.notes.append({"pass": pass_name, "node": node, "message": message, "kind": kind,
+                           **info})
+
+    def notes_of(self, kind: str) -> List[Dict[str, object]]:
+        return [n for n in self.notes if n.get("kind", "note") == kind]
 
     @classmethod
     def for_graph(cls, graph_def, inputs: Optional[Sequence[str]] = None,
