@@ -1,0 +1,1 @@
+"""Model zoo recipes (see models/zoo.py)."""

@@ -1,0 +1,1 @@
+"""Command-line tools: export, benchmark, evaluate (run as scripts or with python -m)."""
