@@ -291,5 +291,6 @@ def prune_dead_constants(graph_def: graph_pb2.GraphDef, seeds: Iterable[str],
 
 def note_once(ctx, pass_name: str, node: str, message: str) -> None:
     """``ctx.note`` unless the same note is already there (rewrites retry matches)."""
-    if {"pass": pass_name, "node": node, "message": message} not in ctx.notes:
+    if not any((n["pass"], n["node"], n["message"]) == (pass_name, node, message)
+               for n in ctx.notes):
         ctx.note(pass_name, node, message)
