@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["graphquant", "graphquant.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # TensorFlow 2.21 wheels exist for 3.10-3.13
     install_requires=["numpy", "protobuf", "networkx", "absl-py"],
     extras_require={
         "tf": [TF],

@@ -166,26 +166,26 @@ def _pass_timer():
 
 
 # --------------------------------------------------------------------------- help and parsing
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up lines (CUDA, oneDNN banners) kept off stderr.
+def _import_tensorflow(quiet: bool) -> None:
+    """Import TensorFlow (a clear GraphQuantError when it is missing or too old).
 
-    They are printed before TensorFlow reads TF_CPP_MIN_LOG_LEVEL, so only
+    ``quiet`` keeps its C++ start-up lines (CUDA, oneDNN banners) off stderr:
+    they are printed before TensorFlow reads TF_CPP_MIN_LOG_LEVEL, so only
     silencing file descriptor 2 during the import hides them; listing the
     devices here also hides the "failed call to cuInit" line of machines
     without a GPU.  --debug shows them all.
     """
-    if "tensorflow" in sys.modules:
-        return
     from graphquant.runtime import tf
 
+    if not quiet or "tensorflow" in sys.modules:
+        tf()
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
         tf().config.list_physical_devices()
-    except GraphQuantError:
-        pass  # raised again, visibly, by the command's own call
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -266,8 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(_command_help(name))
             return EXIT_OK
         args = _parse(name, rest)
-        if not FLAGS.debug:
-            _import_tensorflow_quietly()
+        _import_tensorflow(quiet=not FLAGS.debug)
         return COMMANDS[name].run(args)
     except GraphQuantError as err:
         print(f"{PROG}: error: {err.problem}", file=sys.stderr)
