@@ -18,7 +18,7 @@ from tensorflow.core.framework import graph_pb2
 from graphquant.errors import GraphQuantError, NodeNotFoundError
 from graphquant.graph import GraphIndex, canonical_tensor, parse_tensor_name, suggest_names
 from graphquant.graph_io import load_graph_def
-from graphquant.pipeline import CLEANUP_PIPELINE, PassContext, run_pipeline
+from graphquant.pipeline import CLEANUP_PIPELINE, PassContext, get_pass, run_pipeline
 
 GraphLike = Union[graph_pb2.GraphDef, str, "os.PathLike[str]"]
 
@@ -107,9 +107,11 @@ def optimize(graph: GraphLike, inputs=None, outputs=None,
     passes through ``ctx.options``.  Returns the new GraphDef and the context,
     whose ``notes`` say what the passes decided not to do and why.
     """
+    pass_names = list(CLEANUP_PIPELINE if passes is None else passes)
+    for name in pass_names:
+        get_pass(name)  # an unknown name fails before any work
     graph_def = as_graph_def(graph)
     ctx = make_context(graph_def, inputs, outputs, debug=debug, **options)
-    pass_names = list(CLEANUP_PIPELINE if passes is None else passes)
     result = run_pipeline(graph_def, pass_names, ctx, progress=progress)
     return result, ctx
 

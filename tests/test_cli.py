@@ -120,6 +120,8 @@ def test_no_subcommand_prints_usage_and_fails(capsys):
     (["optimize", "--bogus", MODEL], ["Unknown command line flag 'bogus'"]),
     (["optimize", MODEL, "extra.pb", "-o", "out.pb"], ["takes 1 positional argument"]),
     (["inspect", MODEL, "-o", "out.pb"], ["does not take --output"]),
+    (["optimize", MODEL, "-o", "out.pb", "--passes", "strip_debug_ops,fold_everything"],
+     ["no pass named 'fold_everything'", "known passes: "]),
 ])
 def test_usage_errors(capsys, tmp_path, monkeypatch, argv, needles):
     monkeypatch.chdir(tmp_path)
