@@ -63,6 +63,7 @@ _SHAPE = ("Reshape", "Squeeze", "ExpandDims", "Cast")
 # Ops a constant expression may be made of (graph inputs excluded by evaluation).
 CONST_EXPR_OPS = frozenset({"Const", *_UNARY, *_BINARY, *_SHAPE})
 MAX_EXPR_NODES = 64
+MAX_EXPR_ELEMENTS = 1 << 22
 
 
 def ConstExpr(name: str) -> OpTypePattern:  # noqa: N802 - reads as data in pattern trees
@@ -74,7 +75,8 @@ def ConstExpr(name: str) -> OpTypePattern:  # noqa: N802 - reads as data in patt
 # --------------------------------------------------------------------------- evaluation
 def const_expr_value(index: GraphIndex, tensor: str) -> Optional[np.ndarray]:
     """Value of ``tensor`` when it is computed from Consts by a few elementwise and
-    reshaping ops (at most :data:`MAX_EXPR_NODES` nodes), else None."""
+    reshaping ops (at most :data:`MAX_EXPR_NODES` nodes and
+    :data:`MAX_EXPR_ELEMENTS` elements per value), else None."""
     memo: Dict[str, np.ndarray] = {}
     try:
         return _evaluate(index, node_name(tensor), parse_tensor_name(tensor).port, memo)
@@ -99,6 +101,8 @@ def _evaluate(index, name, port, memo):
     args = [_evaluate(index, parse_tensor_name(i).node, parse_tensor_name(i).port, memo)
             for i in data_inputs(node)]
     value = _apply(node, args)
+    if value.size > MAX_EXPR_ELEMENTS:
+        raise _NotConstant(name)
     memo[name] = value
     return value
 
