@@ -146,7 +146,8 @@ _PRESETS = {
     "caffe": {"order": "bgr", "mean": (103.939, 116.779, 123.68)},
     "torch": {"mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375)},
 }
-SPEC_HELP = ("image spec: 'key=value;key=value', keys size=H,W | resize=" + "|".join(_RESIZE_METHODS)
+SPEC_HELP = ("image spec: 'key=value;key=value', keys size=H,W | resize="
+             + "|".join(_RESIZE_METHODS)
              + " | crop=FRACTION | shorter=N | mean=V or V1,V2,V3 | std=V or V1,V2,V3 | scale=V"
              " (e.g. 1/127.5) | order=rgb|bgr | layout=nhwc|nchw | preset=tf|caffe|torch; "
              "example: 'size=224,224;mean=127.5;scale=1/127.5'")

@@ -1,4 +1,4 @@
-"""Calibration data: .npy/.npz/image folders/iterables -> feed dicts, and every bad input's error."""
+"""Calibration data: .npy/.npz/image folders/iterables -> feed dicts; each bad input's error."""
 
 import os
 

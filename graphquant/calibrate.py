@@ -1,0 +1,517 @@
+"""Calibration: run the fp32 graph on calibration data and choose a range per tensor.
+
+    from graphquant.calib_data import open_data
+    from graphquant.calibrate import calibrate
+    data = open_data("calib.npy", graph_def)                  # checked before any work
+    ranges, stats = calibrate(graph_def, ["conv/Relu:0"], data, method="kl")
+    ranges["conv/Relu:0"]                                     # (min, max) as Python floats
+
+The tensors are fetched from one :class:`~graphquant.execute.GraphRunner`
+session per calibration (never read back from logs).  Per tensor,
+:class:`TensorStats` streams the exact min and max, the number of values and of
+non-finite values (left out of everything else), and a histogram:
+
+* ``2 * HIST_BINS`` equal bins over ``[-bound, bound)``, where ``bound`` is the
+  smallest power of two strictly above the largest ``|x|`` seen so far;
+* when a batch brings a larger ``|x|``, ``bound`` doubles and each pair of bins
+  merges into one.  Bin edges are power-of-two multiples, so binning a value
+  directly at the final bound and binning it early then merging give the same
+  bin: the final histogram depends only on the multiset of values, not on the
+  order or batching of the samples.  Same data -> identical ranges.
+
+Range methods (``method=``; ``methods={tensor: method}`` overrides per tensor):
+
+* ``minmax`` (default) -- the exact data range ``(min, max)``.
+* ``percentile`` -- ``(P(100-p), P(p))`` read from the histogram (within a bin
+  width of ``numpy.percentile``), widened to contain 0; ``p=99.99`` by default.
+* ``kl`` -- entropy calibration in the manner TensorRT describes: on the ``|x|``
+  histogram (full resolution; TensorRT uses 2048 bins) try every clip threshold
+  ``T`` from ``levels`` bins up, compare the clipped distribution P (outliers added to
+  the last bin) with Q, the in-range part quantized to ``levels`` levels, and
+  keep the ``T`` of least KL(P||Q); the zero bin is levelled with its
+  neighbour first (see :func:`kl_threshold`).  One-signed tensors (e.g. after Relu) use
+  ``[0, T]`` with ``2**num_bits`` levels, others ``[-T, T]`` with
+  ``2**(num_bits-1)`` levels on ``|x|``.
+* ``mse`` -- the ``T`` (same ranges and levels as ``kl``) minimising the
+  expected quantization error on the histogram: clipped values cost
+  ``(|x| - T)**2``, values rounding to zero ``x**2``, other in-range values
+  ``step**2 / 12`` with ``step = T / (levels - 1)``.
+
+A tensor whose data never exceeds ``T`` gets its exact data bound.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import (Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence,
+                    Tuple)
+
+import numpy as np
+from tensorflow.core.framework import graph_pb2
+
+from graphquant.errors import CalibrationDataError, GraphQuantError
+from graphquant.execute import GraphRunner
+from graphquant.graph import canonical_tensor
+
+METHODS = ("minmax", "kl", "percentile", "mse")
+HIST_BINS = 8192            # bins per sign: >= 4096 bins between 0 and max|x|
+KL_MAX_BINS = HIST_BINS     # the KL search runs on |x| merged to at most this many bins
+_KL_BLOCK = 256             # thresholds evaluated at once
+DEFAULT_PERCENTILE = 99.99
+_TINY = 2.0 ** -40          # smallest histogram bound: all-zero tensors
+
+Range = Tuple[float, float]
+Progress = Callable[[int, Optional[int]], None]
+
+
+# --------------------------------------------------------------------------- statistics
+class TensorStats:
+    """Streaming statistics of one tensor; see the module docstring for the histogram."""
+
+    def __init__(self, name: str, histogram: bool = True):
+        self.name = name
+        self.count = 0                  # finite values seen
+        self.nonfinite = 0              # NaN/Inf values seen (left out of everything)
+        self.min = math.inf
+        self.max = -math.inf
+        self.shape: Optional[Tuple[int, ...]] = None   # shape of the first fetched value
+        self.bound = _TINY
+        self.counts = np.zeros(2 * HIST_BINS, np.int64) if histogram else None
+
+    # ---- accumulation
+    def update(self, value) -> None:
+        """Add every element of ``value`` (any shape) to the statistics."""
+        x = np.asarray(value)
+        if self.shape is None:
+            self.shape = tuple(x.shape)
+        if x.dtype.kind != "f":
+            x = x.astype(np.float64)
+        elif x.dtype.itemsize < 4:
+            x = x.astype(np.float32)
+        x = x.reshape(-1)
+        if not x.size:
+            return
+        lo, hi = x.min(), x.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            finite = np.isfinite(x)
+            self.nonfinite += int(x.size - np.count_nonzero(finite))
+            x = x[finite]
+            if not x.size:
+                return
+            lo, hi = x.min(), x.max()
+        self.count += int(x.size)
+        self.min = min(self.min, float(lo))
+        self.max = max(self.max, float(hi))
+        if self.counts is None:
+            return
+        bound = _pow2_above(max(-float(lo), float(hi)))
+        if bound > self.bound:
+            self._grow(bound)
+        scaled = x * x.dtype.type(HIST_BINS / self.bound)    # exact: a power-of-two scale
+        np.floor(scaled, out=scaled)
+        idx = scaled.astype(np.intp)
+        idx += HIST_BINS
+        self.counts += np.bincount(idx, minlength=2 * HIST_BINS)
+
+    def _grow(self, bound: float) -> None:
+        """Double ``self.bound`` until it reaches ``bound``, merging pairs of bins."""
+        if not self.counts.any():
+            self.bound = bound
+            return
+        n = HIST_BINS
+        while self.bound < bound:
+            merged = np.zeros_like(self.counts)
+            merged[n // 2:n // 2 + n] = self.counts.reshape(n, 2).sum(axis=1)
+            self.counts = merged
+            self.bound *= 2.0
+
+    # ---- views
+    @property
+    def has_histogram(self) -> bool:
+        return self.counts is not None
+
+    @property
+    def bin_width(self) -> float:
+        return self.bound / HIST_BINS
+
+    @property
+    def edges(self) -> np.ndarray:
+        """The ``2*HIST_BINS + 1`` bin edges of :attr:`counts`."""
+        return (np.arange(2 * HIST_BINS + 1, dtype=np.float64) - HIST_BINS) * self.bin_width
+
+    @property
+    def absmax(self) -> float:
+        return max(-self.min, self.max) if self.count else 0.0
+
+    @property
+    def one_signed(self) -> bool:
+        """All values >= 0 (or all <= 0): quantize over [0, T] with every level."""
+        return self.count > 0 and (self.min >= 0 or self.max <= 0)
+
+    def magnitude_histogram(self) -> Tuple[np.ndarray, float]:
+        """(counts of |x| in bins [i*w, (i+1)*w), w) -- both signs folded together."""
+        self._need_histogram()
+        n = HIST_BINS
+        return self.counts[n:] + self.counts[:n][::-1], self.bin_width
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile (0..100) of the values, within a bin width of numpy's."""
+        self._need_histogram()
+        value = histogram_percentile(self.counts, -self.bound, self.bin_width, q)
+        return float(min(max(value, self.min), self.max))
+
+    def summary(self) -> Dict[str, object]:
+        """What the report shows about this tensor."""
+        return {"tensor": self.name, "min": self.min if self.count else None,
+                "max": self.max if self.count else None, "count": self.count,
+                "nonfinite": self.nonfinite, "shape": list(self.shape or [])}
+
+    def _need_histogram(self) -> None:
+        if self.counts is None:
+            raise GraphQuantError(f"tensor '{self.name}' was calibrated without a histogram",
+                                  "collect statistics with histograms=True for kl, mse or "
+                                  "percentile ranges")
+
+    def __repr__(self) -> str:
+        return (f"<TensorStats {self.name} n={self.count} min={self.min:g} max={self.max:g}"
+                + (f" nonfinite={self.nonfinite}" if self.nonfinite else "") + ">")
+
+
+@dataclass
+class CalibrationStats:
+    """The statistics of every calibrated tensor, keyed by the names the caller gave."""
+
+    tensors: Dict[str, TensorStats]
+    num_samples: int = 0
+    num_feeds: int = 0
+    seconds_run: float = 0.0        # inside TensorFlow
+    seconds_stats: float = 0.0      # accumulating statistics
+    source: str = ""
+    notes: List[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> TensorStats:
+        return self.tensors[name]
+
+    def unusable(self) -> List[str]:
+        """Tensors with NaN/Inf values or none at all: keep them in fp32."""
+        return [k for k, s in self.tensors.items() if s.nonfinite or not s.count]
+
+    def summary(self) -> Dict[str, object]:
+        return {"samples": self.num_samples, "feeds": self.num_feeds, "source": self.source,
+                "seconds_run": round(self.seconds_run, 3),
+                "seconds_stats": round(self.seconds_stats, 3),
+                "tensors": [s.summary() for s in self.tensors.values()]}
+
+
+def _pow2_above(a: float) -> float:
+    """The smallest power of two strictly greater than ``a`` (at least ``_TINY``)."""
+    if a < _TINY:
+        return _TINY
+    _, exponent = math.frexp(a)      # a = m * 2**e with 0.5 <= m < 1, so a < 2**e
+    return math.ldexp(1.0, exponent)
+
+
+# --------------------------------------------------------------------------- running
+def collect_statistics(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
+                       data: Iterable[Mapping[str, np.ndarray]], *, histograms: bool = True,
+                       progress: Optional[Progress] = None,
+                       threads: Optional[int] = None) -> CalibrationStats:
+    """Run ``graph_def`` on every feed of ``data`` fetching ``tensors``; return their statistics.
+
+    ``data`` is a :class:`~graphquant.calib_data.CalibrationData` (or any
+    iterable of feed dicts).  ``progress(done_samples, total_samples)`` is
+    called after each feed (total None when unknown).  Histograms cost a few
+    passes over each fetched tensor; leave them off for ``minmax`` alone.
+    """
+    names = list(dict.fromkeys(tensors))
+    fetches = list(dict.fromkeys(canonical_tensor(n) for n in names))
+    stats = {f: TensorStats(f, histogram=histograms) for f in fetches}
+    total = getattr(data, "num_samples", None)
+    done = feeds_run = 0
+    run_seconds = stats_seconds = 0.0
+    with GraphRunner(graph_def, fetches, threads=threads) as runner:
+        for feeds in data:
+            start = time.perf_counter()
+            values = runner(feeds)
+            middle = time.perf_counter()
+            for fetch, value in zip(fetches, values):
+                stats[fetch].update(value)
+            run_seconds += middle - start
+            stats_seconds += time.perf_counter() - middle
+            feeds_run += 1
+            done += _feed_samples(feeds)
+            if progress:
+                progress(done, total)
+    if not feeds_run:
+        raise CalibrationDataError("the calibration data yielded no feeds",
+                                   "give at least one calibration sample")
+    return CalibrationStats({n: stats[canonical_tensor(n)] for n in names}, done, feeds_run,
+                            run_seconds, stats_seconds, getattr(data, "source", ""))
+
+
+def _feed_samples(feeds: Mapping[str, np.ndarray]) -> int:
+    for value in feeds.values():
+        shape = np.shape(value)
+        if shape:
+            return int(shape[0])
+    return 1
+
+
+def stderr_progress(done: int, total: Optional[int]) -> None:
+    """A progress callback printing ``calibrating 12/32`` on stderr (one updating line)."""
+    text = f"calibrating {done}/{total}" if total else f"calibrating {done}"
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + text + ("\n" if done == total else ""))
+    elif done == total or not total or done % max(1, total // 10) == 0:
+        sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+class Calibration(NamedTuple):
+    """What :func:`calibrate` returns: ``ranges, stats = calibrate(...)``."""
+
+    ranges: Dict[str, Range]
+    stats: CalibrationStats
+
+
+def calibrate(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
+              data: Iterable[Mapping[str, np.ndarray]], method: str = "minmax", *,
+              methods: Optional[Mapping[str, str]] = None,
+              percentile: float = DEFAULT_PERCENTILE, num_bits: int = 8,
+              progress: Optional[Progress] = None, threads: Optional[int] = None,
+              histograms: Optional[bool] = None) -> Calibration:
+    """Run the fp32 graph on ``data`` and return ``(ranges, stats)`` for ``tensors``.
+
+    ``ranges`` maps each name in ``tensors`` (as given) to ``(min, max)`` chosen
+    by ``method``, or ``methods[name]`` where given.  ``stats`` holds the raw
+    statistics for the report and for re-computing ranges with another method
+    (:func:`compute_ranges`) without running the graph again; histograms are
+    collected unless every method is ``minmax`` (force with ``histograms=True``).
+    """
+    methods = dict(methods or {})
+    _check_options(method, methods, percentile, num_bits, tensors)
+    if histograms is None:
+        histograms = any(m != "minmax" for m in [method, *methods.values()])
+    stats = collect_statistics(graph_def, tensors, data, histograms=histograms,
+                               progress=progress, threads=threads)
+    return Calibration(compute_ranges(stats, method, methods=methods, percentile=percentile,
+                                      num_bits=num_bits), stats)
+
+
+def compute_ranges(stats: CalibrationStats, method: str = "minmax", *,
+                   methods: Optional[Mapping[str, str]] = None,
+                   percentile: float = DEFAULT_PERCENTILE,
+                   num_bits: int = 8) -> Dict[str, Range]:
+    """``{tensor: (min, max)}`` from collected statistics (see :func:`tensor_range`)."""
+    methods = dict(methods or {})
+    _check_options(method, methods, percentile, num_bits, stats.tensors)
+    return {name: tensor_range(s, methods.get(name, method), percentile=percentile,
+                               num_bits=num_bits)
+            for name, s in stats.tensors.items()}
+
+
+def _check_options(method, methods, percentile, num_bits, tensors) -> None:
+    for m in [method, *methods.values()]:
+        if m not in METHODS:
+            raise GraphQuantError(f"unknown calibration method '{m}'",
+                                  "use one of: " + ", ".join(METHODS))
+    unknown = sorted(set(methods) - set(tensors))
+    if unknown:
+        raise GraphQuantError(f"per-tensor calibration methods name tensors that are not "
+                              f"calibrated: {', '.join(unknown)}",
+                              "name tensors from the calibrated list")
+    if not 50.0 < percentile <= 100.0:
+        raise GraphQuantError(f"percentile must be in (50, 100], got {percentile}",
+                              "use e.g. 99.99 (the share of values kept inside the range)")
+    if not 2 <= num_bits <= 16:
+        raise GraphQuantError(f"num_bits must be between 2 and 16, got {num_bits}",
+                              "use 8 for int8")
+
+
+# --------------------------------------------------------------------------- ranges
+def tensor_range(stats: TensorStats, method: str = "minmax", *,
+                 percentile: float = DEFAULT_PERCENTILE, num_bits: int = 8) -> Range:
+    """The range ``method`` chooses for one tensor (see the module docstring).
+
+    ``minmax`` is the exact data range; the other methods return ranges that
+    contain 0.  A tensor without finite values gets ``(0.0, 0.0)``.
+    """
+    if not stats.count:
+        return (0.0, 0.0)
+    if method == "minmax":
+        return (stats.min, stats.max)
+    if method == "percentile":
+        lo = stats.percentile(100.0 - percentile) if stats.min < 0 else 0.0
+        hi = stats.percentile(percentile) if stats.max > 0 else 0.0
+        return (min(lo, 0.0), max(hi, 0.0))
+    hist, width = stats.magnitude_histogram()
+    levels = 2 ** num_bits if stats.one_signed else 2 ** (num_bits - 1)
+    if method == "kl":
+        threshold = kl_threshold(hist, width, levels)
+    elif method == "mse":
+        threshold = mse_threshold(hist, width, levels)
+    else:
+        raise GraphQuantError(f"unknown calibration method '{method}'",
+                              "use one of: " + ", ".join(METHODS))
+    return (min(max(-threshold, stats.min), 0.0), max(min(threshold, stats.max), 0.0))
+
+
+def histogram_percentile(counts: np.ndarray, start: float, width: float, q: float) -> float:
+    """The ``q``-th percentile of values binned in ``counts`` (bin i = [start+i*w, start+(i+1)*w)).
+
+    Order statistics are spread evenly inside their bin; the answer lies in the
+    bin holding numpy's linear-interpolation percentile (or at its edge).
+    """
+    counts = np.asarray(counts)
+    total = int(counts.sum())
+    if not total:
+        raise ValueError("empty histogram")
+    rank = q / 100.0 * (total - 1)
+    cumulative = np.cumsum(counts)
+    j = int(np.searchsorted(cumulative, rank, side="right"))
+    j = min(j, len(counts) - 1)
+    before = cumulative[j] - counts[j]
+    frac = min(max((rank - before + 0.5) / counts[j], 0.0), 1.0)
+    return float(start + (j + frac) * width)
+
+
+def _trim(hist) -> np.ndarray:
+    """``hist`` as float64 without its trailing empty bins."""
+    h = np.asarray(hist, np.float64)
+    nonzero = np.flatnonzero(h)
+    return h[:nonzero[-1] + 1] if len(nonzero) else h[:0]
+
+
+def kl_divergences(hist, levels: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(thresholds in bins, KL(P||Q) for each) for a magnitude histogram; see :func:`kl_threshold`.
+
+    For a threshold of ``i`` bins: P = ``hist[:i]`` with everything above added
+    to bin ``i-1``; Q splits ``hist[:i]`` into ``levels`` chunks (bin edges
+    ``k*i//levels``) and spreads each chunk's in-range mass evenly over the bins
+    where P is non-zero.  Both normalised.  KL is infinite when outlier mass
+    lands in a chunk with no in-range mass.  Vectorised over thresholds with
+    prefix sums: ``KL = (sum P log P - sum_c M_c log(S_c/Z_c)) / |P| - log|P| + log|Q|``.
+    """
+    h = _trim(hist)
+    n = len(h)
+    if n <= levels:
+        return np.array([n]), np.zeros(1)
+    total = h.sum()
+    thresholds = np.arange(levels, n + 1)
+    prefix = np.concatenate([[0.0], np.cumsum(h)])
+    prefix_nz = np.concatenate([[0], np.cumsum(h > 0)])
+    prefix_hlogh = np.concatenate([[0.0], np.cumsum(_xlogx(h))])
+    kl = np.empty(len(thresholds))
+    chunk_index = np.arange(levels + 1)[None, :]
+    for start in range(0, len(thresholds), _KL_BLOCK):      # bounded memory
+        ii = thresholds[start:start + _KL_BLOCK]
+        outliers = total - prefix[ii]
+        last = h[ii - 1]
+        p_log_p = prefix_hlogh[ii - 1] + _xlogx(last + outliers)
+        bounds = (chunk_index * ii[:, None]) // levels
+        chunk_mass = prefix[bounds[:, 1:]] - prefix[bounds[:, :-1]]          # S_c
+        chunk_nz = (prefix_nz[bounds[:, 1:]] - prefix_nz[bounds[:, :-1]]).astype(np.float64)
+        chunk_nz[:, -1] += (last == 0) & (outliers > 0)                      # Z_c
+        p_mass = chunk_mass.copy()
+        p_mass[:, -1] += outliers                                            # M_c
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q_value = np.where(p_mass > 0, chunk_mass / np.maximum(chunk_nz, 1.0), 1.0)
+            cross = np.where(p_mass > 0, p_mass * np.log(q_value), 0.0).sum(axis=1)
+            kl[start:start + _KL_BLOCK] = ((p_log_p - cross) / total - np.log(total)
+                                           + np.log(prefix[ii]))
+    kl = np.where(np.isnan(kl), np.inf, kl)
+    return thresholds, np.maximum(kl, 0.0)
+
+
+def _xlogx(v: np.ndarray) -> np.ndarray:
+    safe = np.where(v > 0, v, 1.0)
+    return np.where(v > 0, v * np.log(safe), 0.0)
+
+
+def kl_threshold(hist, width: float, levels: int = 128, max_bins: int = KL_MAX_BINS) -> float:
+    """Clip threshold (in data units) of least KL divergence for a magnitude histogram.
+
+    ``hist[i]`` counts ``|x|`` in ``[i*width, (i+1)*width)``.  The histogram is
+    first merged pairwise until its used part has at most ``max_bins`` bins
+    (TensorRT uses 2048 bins over ``[0, max|x|]``; the default keeps all of
+    them, so a far outlier still leaves enough bins over the bulk of the
+    data).  The first bin's count is replaced by the second's, as NVIDIA's
+    pytorch-quantization does: otherwise the spike of exact zeros after a
+    Relu, smeared over the first chunk by Q, makes the smallest threshold win.
+    Ties go to the smallest threshold.
+    """
+    h = _trim(hist).copy()
+    if not len(h):
+        return 0.0
+    if len(h) > 1:
+        h[0] = h[1]          # a spike of exact zeros (after Relu) must not decide T
+    while len(h) > max_bins:
+        if len(h) % 2:
+            h = np.append(h, 0.0)
+        h = h.reshape(-1, 2).sum(axis=1)
+        width *= 2.0
+    thresholds, kl = kl_divergences(h, levels)
+    return float(thresholds[int(np.argmin(kl))] * width)
+
+
+def mse_curve(hist, width: float, levels: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(thresholds in data units, expected squared error per value) for a magnitude histogram.
+
+    Threshold ``T = k*width`` for ``k = 1..n``, quantization step
+    ``T / (levels - 1)``; each bin's values sit at its centre, spread by
+    ``width**2 / 12``.  Costs: ``(c - T)**2`` above ``T``, ``c**2`` for values
+    rounding to zero, ``step**2 / 12`` for the rest.
+    """
+    h = _trim(hist)
+    n = len(h)
+    if not n:
+        return np.zeros(1), np.zeros(1)
+    centres = (np.arange(n) + 0.5) * width
+    prefix0 = np.concatenate([[0.0], np.cumsum(h)])
+    prefix1 = np.concatenate([[0.0], np.cumsum(h * centres)])
+    prefix2 = np.concatenate([[0.0], np.cumsum(h * centres * centres)])
+    k = np.arange(1, n + 1)
+    t = k * width
+    step = t / (levels - 1)
+    to_zero = np.clip(np.ceil(step / (2 * width) - 0.5), 0, k).astype(np.int64)
+    spread = width * width / 12.0
+    zero_cost = prefix2[to_zero] + prefix0[to_zero] * spread
+    round_cost = (prefix0[k] - prefix0[to_zero]) * step * step / 12.0
+    above0 = prefix0[n] - prefix0[k]
+    above1 = prefix1[n] - prefix1[k]
+    above2 = prefix2[n] - prefix2[k]
+    clip_cost = above2 - 2 * t * above1 + t * t * above0 + above0 * spread
+    return t, (zero_cost + round_cost + clip_cost) / prefix0[n]
+
+
+def mse_threshold(hist, width: float, levels: int = 128) -> float:
+    """Clip threshold minimising :func:`mse_curve` (ties: the smallest)."""
+    thresholds, mse = mse_curve(hist, width, levels)
+    return float(thresholds[int(np.argmin(mse))])
+
+
+def quantization_mse(stats: TensorStats, lo: float, hi: float, num_bits: int = 8) -> float:
+    """Expected squared error per value when ``stats``' tensor is quantized to ``[lo, hi]``.
+
+    ``2**num_bits`` uniform levels over ``[lo, hi]`` (which must contain 0);
+    the error model of :func:`mse_curve`.  For comparing ranges per tensor
+    (e.g. choose ``mse`` over ``minmax`` where it is measurably better) and
+    for the report.
+    """
+    if not stats.count:
+        return 0.0
+    stats._need_histogram()
+    if not lo <= 0.0 <= hi or hi == lo:
+        raise ValueError(f"range ({lo}, {hi}) must contain 0 and be non-empty")
+    counts = stats.counts.astype(np.float64)
+    width = stats.bin_width
+    centres = stats.edges[:-1] + width / 2
+    step = (hi - lo) / (2 ** num_bits - 1)
+    spread = width * width / 12.0
+    cost = np.where(np.abs(centres) < step / 2, centres * centres + spread, step * step / 12.0)
+    cost = np.where(centres > hi, (centres - hi) ** 2 + spread, cost)
+    cost = np.where(centres < lo, (centres - lo) ** 2 + spread, cost)
+    return float((cost * counts).sum() / counts.sum())
