@@ -137,8 +137,11 @@ def fused_quantized_conv(name: str, input: str, filter: str, min_input: str, max
       ``max_freezed_output <= 6`` (saturation clips at R_out).  No Dequantize
       fusion: follow a requantized output with :func:`dequantize`.
     * Sum (residual add + Relu): only ``[BiasAdd, Sum, Relu, Requantize]`` with
-      quint8 output; ``summand`` is a quint8 or qint8 tensor with its own
-      min/max.  The summand's buffer becomes the output (in place), so it must
+      quint8 output; ``summand`` is a quint8 tensor with its own min/max.  A
+      qint8 summand runs but is wrong: the in-place output then saturates at
+      127 instead of 255 (measured: every output above half the range is
+      clipped), so it is refused here -- a residual branch that can be
+      negative is added in float (Dequantize, AddV2) instead.  The summand's buffer becomes the output (in place), so it must
       be produced at run time (a constant summand crashes the process) and not
       be needed by any node that runs later.  There is no Sum without Relu.
       ``[BiasAdd, Sum, Relu]`` with a qint32 output segfaults: refused here.
@@ -166,8 +169,9 @@ def fused_quantized_conv(name: str, input: str, filter: str, min_input: str, max
         host.append(bias)
         types.append(dtype(tbias))
     if "Sum" in fused:
-        if summand is None or tsummand not in ("quint8", "qint8"):
-            raise ValueError(f"{name}: Sum needs a quint8/qint8 summand with min/max")
+        if summand is None or tsummand != "quint8":
+            raise ValueError(f"{name}: Sum needs a quint8 summand with min/max (a qint8 "
+                             "summand makes the kernel clip the output at 127)")
         host.append(summand)
         types.append(dtype(tsummand))
     host += [min_input, max_input, min_filter, max_filter]
