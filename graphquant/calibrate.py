@@ -60,6 +60,7 @@ METHODS = ("minmax", "kl", "percentile", "mse")
 HIST_BINS = 8192            # bins per sign: >= 4096 bins between 0 and max|x|
 KL_MAX_BINS = HIST_BINS     # the KL search runs on |x| merged to at most this many bins
 _KL_BLOCK = 256             # thresholds evaluated at once
+_KL_COARSE = 512            # KL first tries about this many thresholds, then refines
 DEFAULT_PERCENTILE = 99.99
 _TINY = 2.0 ** -40          # smallest histogram bound: all-zero tensors
 
@@ -385,8 +386,12 @@ def _trim(hist) -> np.ndarray:
     return h[:nonzero[-1] + 1] if len(nonzero) else h[:0]
 
 
-def kl_divergences(hist, levels: int) -> Tuple[np.ndarray, np.ndarray]:
+def kl_divergences(hist, levels: int, thresholds: Optional[np.ndarray] = None
+                   ) -> Tuple[np.ndarray, np.ndarray]:
     """(thresholds in bins, KL(P||Q) for each) for a magnitude histogram; see :func:`kl_threshold`.
+
+    ``thresholds`` (bin counts, default every one from ``levels`` to the last
+    used bin) limits the evaluation to those.
 
     For a threshold of ``i`` bins: P = ``hist[:i]`` with everything above added
     to bin ``i-1``; Q splits ``hist[:i]`` into ``levels`` chunks (bin edges
@@ -400,7 +405,9 @@ def kl_divergences(hist, levels: int) -> Tuple[np.ndarray, np.ndarray]:
     if n <= levels:
         return np.array([n]), np.zeros(1)
     total = h.sum()
-    thresholds = np.arange(levels, n + 1)
+    if thresholds is None:
+        thresholds = np.arange(levels, n + 1)
+    thresholds = np.asarray(thresholds, np.int64)
     prefix = np.concatenate([[0.0], np.cumsum(h)])
     prefix_nz = np.concatenate([[0], np.cumsum(h > 0)])
     prefix_hlogh = np.concatenate([[0.0], np.cumsum(_xlogx(h))])
@@ -441,7 +448,10 @@ def kl_threshold(hist, width: float, levels: int = 128, max_bins: int = KL_MAX_B
     data).  The first bin's count is replaced by the second's, as NVIDIA's
     pytorch-quantization does: otherwise the spike of exact zeros after a
     Relu, smeared over the first chunk by Q, makes the smallest threshold win.
-    Ties go to the smallest threshold.
+    With more than ``_KL_COARSE`` candidates, every ``stride``-th threshold is
+    tried first, then every one within a stride of the best (KL over
+    thresholds is smooth at this resolution; the test compares with the
+    exhaustive search).  Ties go to the smallest threshold.
     """
     h = _trim(hist).copy()
     if not len(h):
@@ -453,7 +463,19 @@ def kl_threshold(hist, width: float, levels: int = 128, max_bins: int = KL_MAX_B
             h = np.append(h, 0.0)
         h = h.reshape(-1, 2).sum(axis=1)
         width *= 2.0
-    thresholds, kl = kl_divergences(h, levels)
+    n = len(h)
+    stride = max(1, (n - levels) // _KL_COARSE)
+    if stride == 1:
+        thresholds, kl = kl_divergences(h, levels)
+    else:     # every stride-th threshold, then every one around the best of those
+        coarse, coarse_kl = kl_divergences(h, levels, np.arange(levels, n + 1, stride))
+        best = int(coarse[int(np.argmin(coarse_kl))])
+        fine = np.arange(max(levels, best - stride + 1), min(n, best + stride - 1) + 1)
+        fine_kl = kl_divergences(h, levels, fine)[1]
+        thresholds = np.concatenate([coarse, fine])
+        kl = np.concatenate([coarse_kl, fine_kl])
+        order = np.argsort(thresholds, kind="stable")
+        thresholds, kl = thresholds[order], kl[order]
     return float(thresholds[int(np.argmin(kl))] * width)
 
 

@@ -208,6 +208,21 @@ def test_kl_divergences_match_the_definition(levels):
     np.testing.assert_array_equal(counts, before)    # the caller's histogram is left alone
 
 
+def test_kl_coarse_to_fine_search_is_near_the_exhaustive_one():
+    rng = np.random.default_rng(7)
+    for values, bound in ((rng.laplace(size=300_000), 1.01),
+                          (np.append(np.maximum(rng.normal(size=30_000), 0), 40.0), 1.15)):
+        s = _stats([values.astype(np.float32)])
+        hist, width = s.magnitude_histogram()
+        levels = 256 if s.one_signed else 128
+        t = kl_threshold(hist, width, levels)
+        levelled = hist[:np.flatnonzero(hist)[-1] + 1].astype(np.float64)
+        levelled[0] = levelled[1]
+        thresholds, kl = kl_divergences(levelled, levels)       # every threshold
+        assert len(thresholds) > 2000
+        assert kl[thresholds == round(t / width)][0] <= bound * kl.min()
+
+
 def _laplace_hist(n_values, bins, top, b=1.0):
     edges = np.arange(bins + 1) * (top / bins)
     return n_values * -np.diff(np.exp(-edges / b)), top / bins
