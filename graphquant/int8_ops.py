@@ -141,9 +141,13 @@ def fused_quantized_conv(name: str, input: str, filter: str, min_input: str, max
       qint8 summand runs but is wrong: the in-place output then saturates at
       127 instead of 255 (measured: every output above half the range is
       clipped), so it is refused here -- a residual branch that can be
-      negative is added in float (Dequantize, AddV2) instead.  The summand's buffer becomes the output (in place), so it must
-      be produced at run time (a constant summand crashes the process) and not
-      be needed by any node that runs later.  There is no Sum without Relu.
+      negative is added in float (Dequantize, AddV2) instead.
+      The summand's buffer becomes the output (in place): when it cannot be
+      forwarded -- a constant, a fetched tensor, or a tensor another node may
+      still read after this one -- the process segfaults.  Fuse only when
+      every other consumer of the summand is an ancestor of ``input`` (the
+      ResNet block shape, verified) and the summand is not a graph output.
+      There is no Sum without Relu.
       ``[BiasAdd, Sum, Relu]`` with a qint32 output segfaults: refused here.
     * ``padding`` SAME, VALID or EXPLICIT (``explicit_paddings`` 8 ints, NHWC);
       ``dilations`` accepted.

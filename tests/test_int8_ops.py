@@ -432,3 +432,28 @@ def test_attribute_driven_family_runs_without_onednn_and_legacy_does_not():
     assert "legacy_error" not in on
     # legacy and attribute-driven kernels agree when oneDNN is on
     assert np.array_equal(np.asarray(on["legacy"]), np.asarray(on["conv:0"]))
+
+
+def test_sum_summand_shared_with_the_branch_like_resnet():
+    """out = relu(conv2(conv1(x)) + x): x feeds conv1 and is the summand of conv2.
+    The in-place summand is safe because conv1 must finish before conv2 runs."""
+    x = RNG.uniform(0.0, 2.0, (1, 6, 6, 8)).astype(np.float32)
+    w = RNG.normal(0, 0.2, (3, 3, 8, 8)).astype(np.float32)
+    nodes, xq = quantized_input("x", x, 2.0, False)
+    wn, qw = weights("w", w, "conv", False)
+    nodes += wn + [f32("b", np.zeros(8)), f32("z", 0.0), f32("four", 4.0),
+                   ops.fused_quantized_conv("branch", "x_q:0", "w", "x_q:1", "x_q:2", "w_min",
+                                            "w_max", bias="b", min_freezed_output="z",
+                                            max_freezed_output="four"),
+                   ops.fused_quantized_conv(
+                       "block", "branch:0", "w", "branch:1", "branch:2", "w_min", "w_max",
+                       bias="b", fused_ops=["BiasAdd", "Sum", "Relu", "Requantize"],
+                       summand="x_q:0", tsummand="quint8", min_summand="x_q:1",
+                       max_summand="x_q:2", min_freezed_output="z", max_freezed_output="four")]
+    got = run_nodes(nodes, ["block:0"], {"x:0": x})[0]
+    branch = qm.requantize_reference(conv2d_int(xq, qw.values), 2.0, False, qw.min_range,
+                                     qw.max_range, relu=True, output_range=4.0)
+    ref = qm.requantize_reference(conv2d_int(branch, qw.values), 4.0, False, qw.min_range,
+                                  qw.max_range, relu=True, output_range=4.0, summand=xq,
+                                  summand_range=2.0)
+    assert_within_one_step(got, ref)
