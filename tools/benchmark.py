@@ -1,0 +1,321 @@
+"""How much faster is the int8 graph? Time fp32 and int8 graphs of one model in one process.
+
+    python tools/benchmark.py fp32.pb int8.pb                       # batch from the graph, 2 threads
+    python tools/benchmark.py fp32.pb int8.pb --batch_sizes=1,16 --threads=1,2 --onednn_off
+    python tools/benchmark.py fp32.pb --json_out=fp32.json          # fp32 alone
+
+For every (batch size, thread count): both graphs are loaded, warmed up
+(``--warmup`` runs each), then timed in ``--rounds`` interleaved rounds
+(fp32, int8, fp32, int8, ...), each round ``--runs`` back-to-back runs whose
+mean is that round's latency.  Reported per graph: median latency over the
+rounds, the interquartile range (p25..p75) and min..max, throughput
+(samples/s at the median), and the int8/fp32 speed-up ``fp32 median / int8
+median`` of rounds measured side by side.
+
+The fp32 baseline is measured with oneDNN on (``TF_ENABLE_ONEDNN_OPTS=1``,
+which graphquant sets before TensorFlow loads; on AMD CPUs TensorFlow's own
+default is off).  ``--onednn_off`` adds the fp32 graph with oneDNN off, timed
+in a child process started with ``TF_ENABLE_ONEDNN_OPTS=0`` (the setting is
+read once, when TensorFlow loads), labelled ``fp32 (oneDNN off)``; it is not
+interleaved with the others, so compare it with some care.  The int8 graph is
+never run with oneDNN off: the legacy fused int8 kernels need it.
+
+Inputs (``--data``): ``random`` (standard normal, seeded; default), a
+``.npy``/``.npz`` file or an image folder with the graph's preprocessing spec
+(read with graphquant.calib_data; the first samples are used, repeated as
+needed).  A graph with a fixed batch size runs at that size only; other
+``--batch_sizes`` are skipped with a note.  On a shared CPU the numbers are
+noisy: look at the spread, and never compare runs from different sessions.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools import common  # noqa: E402  (imports graphquant first)
+
+from graphquant.errors import GraphQuantError  # noqa: E402
+from graphquant.graph_io import load_graph_def  # noqa: E402
+
+FP32, INT8, FP32_OFF = "fp32", "int8", "fp32 (oneDNN off)"
+
+
+def input_specs(graph_def, inputs: Sequence[str]):
+    from graphquant.calib_data import graph_input_specs
+
+    return graph_input_specs(graph_def, [i.split(":")[0] for i in inputs])
+
+
+def fixed_batch(specs) -> Optional[int]:
+    sizes = {s.fixed_batch for s in specs if s.shape}
+    if None in sizes or not sizes:
+        return None
+    if len(sizes) > 1:
+        raise GraphQuantError("the graph's inputs have different fixed batch sizes",
+                              "benchmark a graph exported with one batch size")
+    return sizes.pop()
+
+
+def make_feeds(specs, batch: int, data: str, image_spec: Optional[str], graph_def,
+               seed: int = 0) -> Dict[str, np.ndarray]:
+    """One feed dict of ``batch`` samples per input: random or taken from ``data``."""
+    feeds = {}
+    if data == "random":
+        rng = np.random.RandomState(seed)
+        for spec in specs:
+            if spec.shape is None or any(d is None for d in spec.shape[1:]):
+                raise GraphQuantError(f"input '{spec.name}' has shape {spec.shape}: cannot make "
+                                      "random inputs of unknown size",
+                                      "pass --data=FILE.npy with real samples")
+            shape = (batch,) + tuple(spec.shape[1:])
+            if spec.dtype.kind == "f":
+                feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            else:
+                feeds[spec.name] = rng.randint(0, 2, shape).astype(spec.dtype)
+        return feeds
+    from graphquant.calib_data import open_data
+
+    dataset = open_data(data, graph_def, inputs=[s.name.split(":")[0] for s in specs],
+                        image_spec=image_spec, limit=batch, batch_size=batch,
+                        kind="benchmark")
+    pieces = {s.name: [] for s in specs}
+    for feed in dataset:
+        for name, value in feed.items():
+            pieces[name].append(value)
+    for name, parts in pieces.items():
+        samples = np.concatenate(parts)
+        reps = -(-batch // len(samples))
+        feeds[name] = np.concatenate([samples] * reps)[:batch]
+    return feeds
+
+
+def summarize(times_ms: Sequence[float], batch: int) -> Dict:
+    t = np.asarray(times_ms, np.float64)
+    median = float(np.median(t))
+    return {"median_ms": median, "p25_ms": float(np.percentile(t, 25)),
+            "p75_ms": float(np.percentile(t, 75)), "min_ms": float(t.min()),
+            "max_ms": float(t.max()), "throughput": batch * 1000.0 / median,
+            "rounds_ms": [float(x) for x in t]}
+
+
+def time_round(runner, feeds, runs: int) -> float:
+    start = time.perf_counter()
+    for _ in range(runs):
+        runner(feeds)
+    return (time.perf_counter() - start) * 1000.0 / runs
+
+
+def benchmark_pair(graphs: Dict[str, object], outputs: Sequence[str], inputs: Sequence[str],
+                   batch: int, threads: int, data: str, image_spec: Optional[str],
+                   warmup: int, rounds: int, runs: int, progress: bool = True) -> List[Dict]:
+    """Interleaved timing of the graphs (variant name -> GraphDef) at one batch and thread count."""
+    from graphquant.execute import GraphRunner
+
+    first = next(iter(graphs.values()))
+    feeds = make_feeds(input_specs(first, inputs), batch, data, image_spec, first)
+    runners = {name: GraphRunner(g, outputs, threads=threads) for name, g in graphs.items()}
+    times: Dict[str, List[float]] = {name: [] for name in graphs}
+    label = f"batch {batch}, {threads} thread{'s' if threads != 1 else ''}"
+    try:
+        bar = common.Progress(warmup * len(runners), f"{label}: warm-up", progress)
+        for runner in runners.values():
+            for _ in range(warmup):
+                runner(feeds)
+                bar.step()
+        bar = common.Progress(rounds, f"{label}: rounds", progress)
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                times[name].append(time_round(runner, feeds, runs))
+            bar.step()
+    finally:
+        for runner in runners.values():
+            runner.close()
+    return [dict(variant=name, batch=batch, threads=threads, **summarize(t, batch))
+            for name, t in times.items()]
+
+
+def _onednn_off_child(fp32: str, batches: Sequence[int], threads: Sequence[int],
+                      argv_flags: List[str], progress: bool) -> List[Dict]:
+    """The fp32 graph timed in a child process with TF_ENABLE_ONEDNN_OPTS=0."""
+    import json
+
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        cmd = [sys.executable, os.path.abspath(__file__), fp32, "--json_out", path,
+               "--batch_sizes", ",".join(map(str, batches)),
+               "--threads", ",".join(map(str, threads)), "--nouse_int8"] + argv_flags
+        if not progress:
+            cmd.append("--quiet")
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
+        if proc.returncode != 0:
+            raise GraphQuantError("the oneDNN-off child benchmark failed (see its output above)",
+                                  "run it alone: TF_ENABLE_ONEDNN_OPTS=0 python tools/benchmark.py "
+                                  + fp32)
+        with open(path) as f:
+            child = json.load(f)
+    finally:
+        os.unlink(path)
+    if child["environment"]["onednn"]:
+        raise GraphQuantError("the child process still had oneDNN on",
+                              "check that nothing sets TF_ENABLE_ONEDNN_OPTS=1 for children")
+    rows = []
+    for row in child["results"]:
+        rows.append(dict(row, variant=FP32_OFF))
+    return rows
+
+
+def speedups(rows: List[Dict]) -> List[Dict]:
+    """int8 vs fp32 (and fp32 oneDNN on vs off) ratios of median latencies, per batch and threads."""
+    out = []
+    keys = sorted({(r["batch"], r["threads"]) for r in rows})
+    for batch, threads in keys:
+        by = {r["variant"]: r for r in rows if (r["batch"], r["threads"]) == (batch, threads)}
+        entry = {"batch": batch, "threads": threads}
+        if FP32 in by and INT8 in by:
+            entry["int8_vs_fp32"] = by[FP32]["median_ms"] / by[INT8]["median_ms"]
+        if FP32 in by and FP32_OFF in by:
+            entry["fp32_onednn_on_vs_off"] = by[FP32_OFF]["median_ms"] / by[FP32]["median_ms"]
+        if INT8 in by and FP32_OFF in by:
+            entry["int8_vs_fp32_onednn_off"] = by[FP32_OFF]["median_ms"] / by[INT8]["median_ms"]
+        out.append(entry)
+    return out
+
+
+def benchmark(fp32: str, int8: Optional[str] = None, batch_sizes: Sequence[int] = (),
+              threads: Sequence[int] = (2,), data: str = "random", image_spec: Optional[str] = None,
+              warmup: int = 3, rounds: int = 10, runs: int = 3, onednn_off: bool = False,
+              inputs: Sequence[str] = (), outputs: Sequence[str] = (),
+              progress: bool = True, child_flags: Optional[List[str]] = None) -> Dict:
+    """Time the graphs; return the dict ``--json_out`` writes."""
+    from graphquant.runtime import onednn_enabled
+
+    fp32_def = load_graph_def(fp32)
+    ins, outs, meta = common.graph_interface(fp32, fp32_def, inputs, outputs)
+    graphs = {FP32: fp32_def}
+    if int8:
+        int8_def = load_graph_def(int8)
+        common.check_same_interface(int8, int8_def, ins, outs)
+        graphs[INT8] = int8_def
+    if image_spec is None and data != "random" and meta:
+        image_spec = (meta.get("preprocessing") or {}).get("image_spec")
+
+    fixed = fixed_batch(input_specs(fp32_def, ins))
+    notes = []
+    batches = list(batch_sizes) or [fixed or 1]
+    if fixed is not None:
+        skipped = [b for b in batches if b != fixed]
+        if skipped:
+            notes.append(f"the graph has a fixed batch of {fixed}: batch sizes "
+                         f"{', '.join(map(str, skipped))} skipped")
+        batches = [fixed]
+    label = FP32 if onednn_enabled() else FP32_OFF
+    if label != FP32:
+        graphs = {FP32: fp32_def}  # a child (or a user) with oneDNN off: fp32 only
+        notes.append("oneDNN is off in this process (TF_ENABLE_ONEDNN_OPTS != 1)")
+    rows = []
+    for batch in batches:
+        for n_threads in threads:
+            rows += benchmark_pair(graphs, outs, ins, batch, n_threads, data, image_spec,
+                                   warmup, rounds, runs, progress)
+    if onednn_off and onednn_enabled():
+        rows += _onednn_off_child(fp32, batches, threads, child_flags or [], progress)
+    return {
+        "graphs": {FP32: os.path.abspath(fp32), INT8: os.path.abspath(int8) if int8 else None},
+        "inputs": ins, "outputs": outs,
+        "config": {"batch_sizes": batches, "threads": list(threads), "data": data,
+                   "warmup": warmup, "rounds": rounds, "runs_per_round": runs,
+                   "interleaved": list(graphs)},
+        "environment": common.environment(),
+        "results": rows,
+        "speedups": speedups(rows),
+        "notes": notes,
+    }
+
+
+def format_table(result: Dict) -> str:
+    env = result["environment"]
+    lines = [f"{env['date']}  {env['cpu']} ({env['cpu_count']} cores)  "
+             f"TensorFlow {env['tensorflow']}",
+             f"fp32  {result['graphs'][FP32]}",
+             f"int8  {result['graphs'][INT8] or '(none)'}", ""]
+    header = (f"{'batch':>5} {'thr':>3}  {'graph':<18} {'median ms':>10} {'p25..p75 ms':>17} "
+              f"{'min..max ms':>17} {'samples/s':>10} {'vs fp32':>8}")
+    lines += [header, "-" * len(header)]
+    ratios = {(s["batch"], s["threads"]): s for s in result["speedups"]}
+    for row in result["results"]:
+        s = ratios.get((row["batch"], row["threads"]), {})
+        ratio = {INT8: s.get("int8_vs_fp32"), FP32: 1.0,
+                 FP32_OFF: (1 / s["fp32_onednn_on_vs_off"]) if "fp32_onednn_on_vs_off" in s
+                 else None}.get(row["variant"])
+        lines.append(
+            f"{row['batch']:>5} {row['threads']:>3}  {row['variant']:<18} "
+            f"{row['median_ms']:>10.2f} {row['p25_ms']:>8.2f}..{row['p75_ms']:<8.2f} "
+            f"{row['min_ms']:>8.2f}..{row['max_ms']:<8.2f} {row['throughput']:>10.1f} "
+            f"{'-' if ratio is None else f'{ratio:.2f}x':>8}")
+    lines.append("")
+    lines.append("vs fp32 = fp32 (oneDNN on) median / this median (>1: faster)")
+    for note in result["notes"]:
+        lines.append("note: " + note)
+    return "\n".join(lines)
+
+
+def main(argv):
+    from absl import flags
+
+    f = flags.FLAGS
+    if len(argv) not in (2, 3):
+        raise GraphQuantError("expected FP32.pb [INT8.pb]",
+                              "python tools/benchmark.py fp32.pb int8.pb")
+    from tools.export import parse_batch
+
+    batches = [parse_batch(b) for b in f.batch_sizes]
+    if any(b is None for b in batches):
+        raise GraphQuantError("--batch_sizes takes integers", "e.g. --batch_sizes=1,16")
+    int8 = argv[2] if len(argv) == 3 and f.use_int8 else None
+    child_flags = [f"--data={f.data}", f"--warmup={f.warmup}", f"--rounds={f.rounds}",
+                   f"--runs={f.runs}"]
+    for name in ("image_spec", "inputs", "outputs"):
+        if getattr(f, name):
+            child_flags.append(f"--{name}={getattr(f, name)}")
+    result = benchmark(argv[1], int8, batches, [int(t) for t in f.threads], f.data, f.image_spec,
+                       f.warmup, f.rounds, f.runs, f.onednn_off, common.split_names(f.inputs),
+                       common.split_names(f.outputs), not f.quiet, child_flags)
+    print(format_table(result))
+    if f.json_out:
+        common.write_json(f.json_out, result)
+        print(f"\nwrote {f.json_out}")
+
+
+def define_flags():
+    from absl import flags
+
+    flags.DEFINE_list("batch_sizes", [], "batch sizes for graphs with a dynamic batch "
+                      "(default: the graph's fixed batch, else 1)")
+    flags.DEFINE_list("threads", ["2"], "TensorFlow intra-op thread counts to try")
+    flags.DEFINE_string("data", "random", "random, or a .npy/.npz file or image folder")
+    flags.DEFINE_string("image_spec", None, "image preprocessing spec (default: sidecar json)")
+    flags.DEFINE_integer("warmup", 3, "untimed runs per graph before timing")
+    flags.DEFINE_integer("rounds", 10, "interleaved timed rounds")
+    flags.DEFINE_integer("runs", 3, "runs per round (their mean is the round's latency)")
+    flags.DEFINE_bool("onednn_off", False, "also time fp32 with oneDNN off (child process)")
+    flags.DEFINE_bool("use_int8", True, "time the int8 graph when given (--nouse_int8: fp32 only)")
+    flags.DEFINE_string("inputs", None, "input tensor names (default: sidecar json or Placeholders)")
+    flags.DEFINE_string("outputs", None, "output tensor names (default: sidecar json or sinks)")
+    flags.DEFINE_string("json_out", None, "write the results as JSON here")
+    flags.DEFINE_bool("quiet", False, "no progress on stderr")
+
+
+if __name__ == "__main__":
+    common.run_app(main, define_flags)
