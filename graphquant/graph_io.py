@@ -39,8 +39,12 @@ def load_graph_def(path: str, validate: bool = True) -> graph_pb2.GraphDef:
                                 "pass the path of a frozen .pb or .pbtxt file")
     if not os.path.exists(path):
         raise InvalidGraphError(f"'{path}' does not exist", "check the path")
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InvalidGraphError(f"cannot read '{path}': {exc.strerror or exc}",
+                                "check the file's permissions") from None
     if not data:
         raise InvalidGraphError(f"'{path}' is empty", "re-export the frozen graph")
     graph_def = _parse(path, data)
@@ -50,31 +54,32 @@ def load_graph_def(path: str, validate: bool = True) -> graph_pb2.GraphDef:
 
 
 def _looks_like_text(data: bytes) -> bool:
+    """UTF-8 without control characters other than tab/newline.
+
+    A binary GraphDef with a node always holds the byte 0x12 (the tag of
+    NodeDef.op), so it is never taken for text, whatever its extension.
+    """
     head = data[:4096]
     try:
         text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    stripped = text.lstrip()
-    return stripped.startswith(("node", "versions", "library", "#")) and "\x00" not in text
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the 4096-byte mark
+            return False
+        text = head[:exc.start].decode("utf-8")
+    return not any(ord(c) < 32 and c not in "\t\n\r\f\v" for c in text)
 
 
 def _parse(path: str, data: bytes) -> graph_pb2.GraphDef:
     graph_def = graph_pb2.GraphDef()
-    as_text = path.endswith(_TEXT_EXTENSIONS) or _looks_like_text(data)
-    if as_text:
+    if _looks_like_text(data):  # by content: a text GraphDef named .pb loads too
         try:
             text_format.Parse(data.decode("utf-8"), graph_def)
-            return graph_def
         except (text_format.ParseError, UnicodeDecodeError) as exc:
-            if path.endswith(_TEXT_EXTENSIONS) and not _looks_like_text(data):
-                # a binary file named .pbtxt: fall through to the binary reader
-                graph_def = graph_pb2.GraphDef()
-            else:
-                raise InvalidGraphError(
-                    f"'{path}' is not a valid text GraphDef: {_first_line(exc)}",
-                    "pass a frozen GraphDef in text (.pbtxt) or binary (.pb) form",
-                ) from None
+            raise InvalidGraphError(
+                f"'{path}' is a text file but not a text GraphDef: {_first_line(exc)}",
+                "pass a frozen GraphDef in text (.pbtxt) or binary (.pb) form",
+            ) from None
+        return _require_nodes(path, graph_def)
     try:
         graph_def.ParseFromString(data)
     except (message.DecodeError, RuntimeError, ValueError) as exc:
@@ -84,9 +89,13 @@ def _parse(path: str, data: bytes) -> graph_pb2.GraphDef:
             "re-export the frozen graph; a SavedModel or Keras file must be frozen first: "
             "python tools/export.py MODEL -o frozen.pb",
         ) from None
+    return _require_nodes(path, graph_def)
+
+
+def _require_nodes(path: str, graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
     if not graph_def.node:
         raise InvalidGraphError(f"'{path}' parsed as a GraphDef with no nodes (not a GraphDef?)",
-                                "pass a frozen GraphDef (.pb)")
+                                "pass a frozen GraphDef (.pb or .pbtxt)")
     return graph_def
 
 
@@ -140,14 +149,21 @@ def save_graph_def(graph_def: graph_pb2.GraphDef, path: str,
         data = text_format.MessageToString(graph_def).encode("utf-8")
     else:
         data = graph_def.SerializeToString(deterministic=True)
-    fd, tmp = tempfile.mkstemp(prefix=".graphquant-", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".graphquant-", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OutputPathError(f"cannot write in '{directory}': {exc.strerror or exc}",
+                              "choose a path you can write to") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputPathError(f"writing '{path}' failed: {exc.strerror or exc}",
+                                  "check the free disk space and permissions") from None
         raise
 
 
@@ -165,6 +181,9 @@ def check_output_path(path: str, input_path: Optional[str] = None) -> None:
         raise OutputPathError(f"output path '{path}' is the input file; refusing to overwrite it",
                               "write to a new file, e.g. -o model_int8.pb")
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise OutputPathError(f"output directory '{directory}' is a file, not a directory",
+                              "choose another path")
     if not os.path.isdir(directory):
         raise OutputPathError(f"output directory '{directory}' does not exist",
                               "create it first or choose another path")
