@@ -228,9 +228,10 @@ def conv_bias(index: GraphIndex, match, channels: int) -> Tuple[Optional[np.ndar
     bias_add, (rank, axis) = match["bias_add"], channel_layout(match["conv"])
     if bias_add.op != "BiasAdd":
         return channel_vector(index, match.tensor("bias"), rank, axis, channels)
-    if bias_add_axis(bias_add, rank) != axis:
-        return None, f"BiasAdd '{bias_add.name}' adds along axis {bias_add_axis(bias_add, rank)}, " \
-                     f"not the output channel axis {axis}"
+    along = bias_add_axis(bias_add, rank)
+    if along != axis:
+        return None, (f"BiasAdd '{bias_add.name}' adds along axis {along}, not the output "
+                      f"channel axis {axis}")
     value = const_expr_value(index, match.tensor("bias"))
     if value is None or value.shape != (channels,):
         return None, ""
@@ -248,7 +249,8 @@ def folded_conv_nodes(rctx, conv: NodeDef, weights: NodeDef, scale: Optional[np.
     new_conv = copy.deepcopy(conv)
     new_conv.name = name if bias is None else conv.name
     if scale is not None:
-        folded = make_const(rctx.fresh_name(f"{conv.name}/folded_weights"), scale_weights(conv, w, scale))
+        folded = make_const(rctx.fresh_name(f"{conv.name}/folded_weights"),
+                            scale_weights(conv, w, scale))
         nodes.append(folded)
         new_conv.input[1] = folded.name
     nodes.append(new_conv)

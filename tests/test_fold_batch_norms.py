@@ -21,15 +21,16 @@ def rand(*shape):
 
 
 def bn_params(c):
-    return dict(scale=rand(c), offset=rand(c), mean=rand(c), variance=rng.uniform(0.5, 2, c).astype(np.float32))
+    return dict(scale=rand(c), offset=rand(c), mean=rand(c),
+                variance=rng.uniform(0.5, 2, c).astype(np.float32))
 
 
-def fused(op, x, c, data_format="NHWC", name="bn", **kw):
+def fused(op, x, c, data_format="NHWC", name="bn", is_training=False):
     t = tf()
     p = {k: t.constant(v, name=f"{name}_{k}") for k, v in bn_params(c).items()}
     fn = getattr(t.raw_ops, op)
-    return fn(x=x, **p, epsilon=1e-3, data_format=data_format, is_training=kw.get("is_training", False),
-              name=name)
+    return fn(x=x, **p, epsilon=1e-3, data_format=data_format,
+              is_training=is_training, name=name)
 
 
 def conv(x, kind, cin, cout, data_format="NHWC"):
@@ -42,8 +43,8 @@ def conv(x, kind, cin, cout, data_format="NHWC"):
                                  [1, 1, 1, 1], "SAME", data_format=data_format, name="conv")
 
 
-def run_pass(gd, outputs, **kw):
-    ctx = PassContext.for_graph(gd, outputs=outputs, **kw)
+def run_pass(gd, outputs):
+    ctx = PassContext.for_graph(gd, outputs=outputs)
     return get_pass("fold_batch_norms")(gd, ctx), ctx
 
 
@@ -158,9 +159,9 @@ def test_data_format_mismatch_is_not_folded_into_weights():
 
     def body(x):
         y = conv(x, "conv", 4, 4)                        # NHWC conv output [1,4,4,4]
-        return t.raw_ops.FusedBatchNormV3(x=y, **{k: t.constant(v, name=f"bn_{k}") for k, v in p.items()},
-                                          epsilon=1e-3, data_format="NCHW", is_training=False,
-                                          name="bn")[0]   # normalises axis 1
+        params = {k: t.constant(v, name=f"bn_{k}") for k, v in p.items()}
+        return t.raw_ops.FusedBatchNormV3(x=y, **params, epsilon=1e-3, data_format="NCHW",
+                                          is_training=False, name="bn")[0]  # normalises axis 1
 
     gd, outs = build_graph(body, x=[1, 4, 4, 4])
     new, ctx = run_pass(gd, outs)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from graphquant.execute import run_graph
-from graphquant.graph import GraphIndex, const_value, data_inputs, op_histogram
+from graphquant.graph import GraphIndex, data_inputs, op_histogram
 from graphquant.graph_io import load_graph_def
-from graphquant.pipeline import PassContext, get_pass, registered_passes, run_pipeline
+from graphquant.pipeline import PassContext, registered_passes, run_pipeline
 from graphquant.runtime import tf
 from helpers import build_graph, real_model, rel_l2
 

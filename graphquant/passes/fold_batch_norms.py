@@ -1,10 +1,10 @@
-"""fold_batch_norms: fold inference batch-norm ops into the conv or matmul before them.
+"""fold_batch_norms: fold inference batch-norm ops into the conv before them.
 
 Before::                                          After::
 
     x    w:Const                                      x    w*s:Const
      \\   /                                             \\   /
-    Conv2D | DepthwiseConv2dNative | MatMul           Conv2D | ... (same op and name)
+    Conv2D | DepthwiseConv2dNative                    Conv2D | ... (same op and name)
       |                                                 |
     [BiasAdd | Add | AddV2 (b)]     (optional)        BiasAdd ((b - mean) * s + beta)
       |                                                 named like the batch norm
@@ -13,6 +13,9 @@ Before::                                          After::
 
 with ``s = gamma / sqrt(var + epsilon)`` per output channel (no gamma in
 BatchNormWithGlobalNormalization without ``scale_after_normalization``).
+These ops take 4-D (or 5-D) inputs only, so a MatMul never feeds them
+directly; Keras writes batch norm after Dense in the decomposed form
+(``fold_decomposed_batch_norms``).
 
 A batch norm after anything else (a Relu, an ExpandDims, a conv read
 elsewhere) cannot go into weights; it becomes the same per-channel affine map
@@ -33,7 +36,7 @@ import numpy as np
 from tensorflow.python.framework import dtypes
 
 from graphquant.folding import (
-    CONV_OPS, ConstExpr, channel_layout, const_expr_value, conv_bias, data_format,
+    ConstExpr, channel_layout, const_expr_value, conv_bias, data_format,
     folded_conv_nodes, float_weights, get_attr, note_once, output_channels,
     prune_dead_constants)
 from graphquant.graph import const_value, make_const, make_node, parse_tensor_name
@@ -60,8 +63,9 @@ def global_bn(producer):
         ConstExpr("gamma")])
 
 
-# Conv2D | DepthwiseConv2dNative | MatMul (x, weights:Const)
-CONV = OpTypePattern(CONV_OPS, name="conv", inputs=[Any("x"), Const("weights")])
+# Conv2D | DepthwiseConv2dNative (x, weights:Const)
+CONV = OpTypePattern("Conv2D|DepthwiseConv2dNative", name="conv",
+                     inputs=[Any("x"), Const("weights")])
 # BiasAdd(conv, bias) or Add|AddV2(conv, bias) in either order
 BIASED_CONV = [
     OpTypePattern("BiasAdd", name="bias_add", inputs=[CONV, ConstExpr("bias")]),
@@ -73,7 +77,8 @@ STANDALONE = [fused_bn(Any("x")), global_bn(Any("x"))]
 
 
 def bn_affine(ctx, match, rctx):
-    """(scale, offset) vectors of the matched batch norm, or None (noted when the user should know)."""
+    """(scale, offset) vectors of the matched batch norm, or None (with a note
+    when the user should know why)."""
     bn = match["bn"]
     if bn.op != GLOBAL_BN and get_attr(bn, "is_training").b:
         note_once(ctx, PASS, bn.name, "not folded: is_training=true (batch statistics); "
@@ -108,10 +113,9 @@ def bn_channel_axis(bn) -> int:
 
 def fold_into_conv(ctx, seeds, match, rctx):
     bn, conv, weights = match["bn"], match["conv"], match["weights"]
-    rank, axis = channel_layout(conv)
-    if rank != 4 or not float_weights(weights):
+    if not float_weights(weights):
         return None
-    if bn_channel_axis(bn) != axis:
+    if bn_channel_axis(bn) != channel_layout(conv)[1]:
         note_once(ctx, PASS, bn.name, f"not folded into '{conv.name}': data formats differ "
                   f"({data_format(bn)} vs {data_format(conv)})")
         return None
@@ -139,18 +143,17 @@ def as_mul_add(ctx, seeds, match, rctx):
     t = bn.attr["T"]
     dtype = dtypes.as_dtype(t.type).as_numpy_dtype
     fmt = "NHWC" if bn.op == GLOBAL_BN else data_format(bn)
-    s = make_const(rctx.fresh_name(f"{bn.name}/scale"), scale.astype(dtype))
-    o = make_const(rctx.fresh_name(f"{bn.name}/offset"), offset.astype(dtype))
+    first = fmt.startswith("NC")                     # channels first: broadcast as [C, 1, 1(, 1)]
+    shape = (-1,) + (1,) * (len(fmt) - 2) if first else (-1,)
+    s = make_const(rctx.fresh_name(f"{bn.name}/scale"), scale.astype(dtype).reshape(shape))
+    o = make_const(rctx.fresh_name(f"{bn.name}/offset"), offset.astype(dtype).reshape(shape))
     mul = make_node("Mul", rctx.fresh_name(f"{bn.name}/mul"), [match.tensor("x"), s.name], T=t)
-    if fmt.startswith("NC"):  # channels first: broadcast as [C, 1, 1(, 1)]
-        per_axis = (-1,) + (1,) * (len(fmt) - 2)
-        s.CopyFrom(make_const(s.name, scale.astype(dtype).reshape(per_axis)))
-        o.CopyFrom(make_const(o.name, offset.astype(dtype).reshape(per_axis)))
+    if first:
         add = make_node("AddV2", bn.name, [mul.name, o.name], T=t)
     else:
         add = make_node("BiasAdd", bn.name, [mul.name, o.name], T=t, data_format="NHWC")
-    note_once(ctx, PASS, bn.name, "not after a conv or matmul it could fold into: "
-              "rewritten as Mul + " + add.op)
+    note_once(ctx, PASS, bn.name, f"not after a conv it could fold into: rewritten as "
+              f"Mul + {add.op}")
     seeds.update(match[k].name for k in PARAMS)
     return Replacement([s, o, mul, add])
 

@@ -9,9 +9,9 @@ inference batch norm the way ``tf.nn.batch_normalization`` computes it::
 so the graph holds a per-channel affine map whose operands are constant
 subgraphs (Consts once ``fold_constants`` ran)::
 
-    x ─────────────────────────────► Mul ──► Add|AddV2 ──► y
-    variance, eps ─► AddV2 ─► Rsqrt ─► Mul(gamma) ─┘ ▲     (s)
-    beta, mean, s ──────────► Mul ─► Sub ──────────┘       (o)
+    x -----------------------------------> Mul ----> Add|AddV2 ---> y
+    variance, eps -> AddV2 -> Rsqrt -> Mul(gamma) -'  (s)   ^
+    beta, mean, s ----------> Mul -> Sub ------------------'   (o)
 
 Before (after a conv or matmul)::       After::
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import numpy as np
-
 from graphquant.folding import (
     CONV_OPS, ConstExpr, channel_layout, channel_vector, conv_bias, folded_conv_nodes,
     float_weights, note_once, output_channels, prune_dead_constants)
