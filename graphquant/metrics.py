@@ -32,7 +32,7 @@ def _pair(reference, candidate):
 
 
 def relative_l2(reference, candidate) -> float:
-    """``||candidate - reference|| / ||reference||`` (inf if the reference is all zeros and they differ)."""
+    """``||candidate - reference|| / ||reference||`` (inf: zero reference, nonzero error)."""
     r, c = _pair(reference, candidate)
     noise = float(np.linalg.norm((c - r).ravel()))
     signal = float(np.linalg.norm(r.ravel()))

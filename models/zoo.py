@@ -174,11 +174,11 @@ def preprocessing_spec(mode: str, size: int, label_offset: int = 0) -> Dict:
 
 
 def imagenet_files(split: str = "calib", data_dir: str = IMAGENET_DIR) -> List[str]:
-    """Sorted image paths of the ImageNet samples: ``calib`` (first 100), ``eval`` (rest), ``all``."""
+    """Sorted ImageNet sample paths: ``calib`` (first 100 by name), ``eval`` (the rest), ``all``."""
     files = sorted(glob.glob(os.path.join(data_dir, "*.JPEG")))
     if not files:
         raise GraphQuantError(f"no *.JPEG images in '{data_dir}'",
-                              "set GRAPHQUANT_SHARED to the directory holding data/imagenet-samples")
+                              "set GRAPHQUANT_SHARED to the folder holding data/imagenet-samples")
     if split == "all":
         return files
     if split == "calib":
@@ -198,7 +198,7 @@ def synset_labels(files: Sequence[str], data_dir: str = IMAGENET_DIR,
 
 
 def load_images(files: Sequence[str], spec: Dict) -> np.ndarray:
-    """(N, H, W, 3) float32 inputs from image files, prepared as ``spec`` (a preprocessing dict) says."""
+    """(N, H, W, 3) float32 inputs from image files, prepared as ``spec`` (a zoo json's) says."""
     from graphquant.calib_data import ImageSpec, load_image
 
     image_spec = ImageSpec.parse(spec["image_spec"])

@@ -1,6 +1,6 @@
 """How much faster is the int8 graph? Time fp32 and int8 graphs of one model in one process.
 
-    python tools/benchmark.py fp32.pb int8.pb                       # batch from the graph, 2 threads
+    python tools/benchmark.py fp32.pb int8.pb                   # batch from the graph, 2 threads
     python tools/benchmark.py fp32.pb int8.pb --batch_sizes=1,16 --threads=1,2 --onednn_off
     python tools/benchmark.py fp32.pb --json_out=fp32.json          # fp32 alone
 
@@ -177,7 +177,7 @@ def _onednn_off_child(fp32: str, batches: Sequence[int], threads: Sequence[int],
 
 
 def speedups(rows: List[Dict]) -> List[Dict]:
-    """int8 vs fp32 (and fp32 oneDNN on vs off) ratios of median latencies, per batch and threads."""
+    """int8 vs fp32 (and fp32 oneDNN on vs off) median-latency ratios per batch and threads."""
     out = []
     keys = sorted({(r["batch"], r["threads"]) for r in rows})
     for batch, threads in keys:
@@ -311,7 +311,7 @@ def define_flags():
     flags.DEFINE_integer("runs", 3, "runs per round (their mean is the round's latency)")
     flags.DEFINE_bool("onednn_off", False, "also time fp32 with oneDNN off (child process)")
     flags.DEFINE_bool("use_int8", True, "time the int8 graph when given (--nouse_int8: fp32 only)")
-    flags.DEFINE_string("inputs", None, "input tensor names (default: sidecar json or Placeholders)")
+    flags.DEFINE_string("inputs", None, "input names (default: sidecar json or Placeholders)")
     flags.DEFINE_string("outputs", None, "output tensor names (default: sidecar json or sinks)")
     flags.DEFINE_string("json_out", None, "write the results as JSON here")
     flags.DEFINE_bool("quiet", False, "no progress on stderr")

@@ -1,4 +1,4 @@
-"""What tools/benchmark.py and tools/evaluate.py share: a graph's interface, progress, the CLI wrapper."""
+"""Shared by tools/benchmark.py and tools/evaluate.py: graph interface, progress, CLI wrapper."""
 
 from __future__ import annotations
 

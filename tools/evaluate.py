@@ -238,7 +238,7 @@ def define_flags():
                       "image folders: eval = all but the first 100 files by name, calib = those "
                       "100, all; auto = eval for folders, all for arrays")
     flags.DEFINE_integer("limit", None, "at most this many samples (after the split)")
-    flags.DEFINE_string("inputs", None, "input tensor names (default: sidecar json or Placeholders)")
+    flags.DEFINE_string("inputs", None, "input names (default: sidecar json or Placeholders)")
     flags.DEFINE_string("outputs", None, "output tensor names (default: sidecar json or sinks)")
     flags.DEFINE_integer("batch_size", 16, "samples per run for graphs with a dynamic batch")
     flags.DEFINE_integer("threads", None, "TensorFlow intra-op threads (default: all cores)")

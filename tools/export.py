@@ -159,7 +159,8 @@ def load_keras_model(path: str, keras: str = "auto"):
         except ImportError as exc:
             errors.append(f"{which}: not installed ({exc})")
         except Exception as exc:  # noqa: BLE001 - every Keras loader error means "try the next"
-            errors.append(f"{which}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+            text = str(exc).strip()
+            errors.append(f"{which}: {text.splitlines()[0] if text else type(exc).__name__}")
     raise GraphQuantError(f"cannot load Keras model '{path}': " + "; ".join(errors),
                           "check the file; for a legacy tf.keras .h5 install tf-keras and pass "
                           "--keras=tf_keras")
@@ -199,7 +200,8 @@ def export(model_path: str, output: str, batch: Optional[int] = 1, keras: str = 
                               "pass a Keras model file or a SavedModel directory")
     save_graph_def(graph_def, output, input_path=None)
     info = describe(graph_def, inputs, outputs)
-    info.update({"source": source, "model": os.path.abspath(model_path), "pb": os.path.basename(output)})
+    info.update({"source": source, "model": os.path.abspath(model_path),
+                 "pb": os.path.basename(output)})
     if write_json:
         with open(os.path.splitext(output)[0] + ".json", "w") as f:
             json.dump(info, f, indent=1)
