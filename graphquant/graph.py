@@ -107,14 +107,16 @@ class GraphIndex:
             ) from None
 
     def consumers(self, name: str, include_control: bool = True):
-        """(consumer, input index) pairs that read any output of node ``name``,
-        or only output ``port`` when ``name`` is a tensor name with a port."""
+        """(consumer, input index) pairs that read any output of node ``name``
+        (control readers too unless ``include_control`` is False), or only
+        output ``port`` when ``name`` is a tensor name with a port."""
         t = parse_tensor_name(name)
+        one_port = ":" in name
         out = []
         for consumer, idx, ref in self._consumers.get(t.node, []):
-            if ref.control and not include_control:
+            if ref.control and (one_port or not include_control):
                 continue
-            if ":" in name and not ref.control and ref.port != t.port:
+            if one_port and ref.port != t.port:
                 continue
             out.append((consumer, idx))
         return out
@@ -151,7 +153,7 @@ class GraphIndex:
         except nx.NetworkXUnfeasible:
             cycle = nx.find_cycle(g)
             raise InvalidGraphError(
-                "the graph has a cycle: " + " -> ".join(a for a, _ in cycle)
+                "the graph has a cycle: " + " -> ".join([a for a, _ in cycle] + [cycle[0][0]])
                 + " (control flow with NextIteration is not supported)",
                 "export the model without tf.while_loop / control flow v1, or freeze it with "
                 "control flow v2 (functional While), which graphquant leaves in fp32",
@@ -163,10 +165,10 @@ class GraphIndex:
                 and not (n.op == "PlaceholderWithDefault" and n.input)]
 
     def inferred_outputs(self) -> List[str]:
-        """Nodes nobody consumes (NoOps, Asserts and Consts excluded), in graph order."""
+        """Nodes nobody consumes (NoOps, Asserts, Consts and inputs excluded), in graph order."""
         return [n.name for n in self.graph_def.node
                 if not self._consumers.get(n.name)
-                and n.op not in ("NoOp", "Assert", "Const", "Placeholder")]
+                and n.op not in ("NoOp", "Assert", "Const") and n.op not in INPUT_OPS]
 
 
 def suggest_names(name: str, candidates: Iterable[str], n: int = 3) -> str:
