@@ -107,11 +107,11 @@ def optimize(graph: GraphLike, inputs=None, outputs=None,
     passes through ``ctx.options``.  Returns the new GraphDef and the context,
     whose ``notes`` say what the passes decided not to do and why.
     """
-    pass_names = list(CLEANUP_PIPELINE if passes is None else passes)
-    for name in pass_names:
-        get_pass(name)  # an unknown name fails before any work
     graph_def = as_graph_def(graph)
     ctx = make_context(graph_def, inputs, outputs, debug=debug, **options)
+    pass_names = list(CLEANUP_PIPELINE if passes is None else passes)
+    for name in pass_names:
+        get_pass(name)  # an unknown name fails before any pass runs
     result = run_pipeline(graph_def, pass_names, ctx, progress=progress)
     return result, ctx
 
