@@ -1,4 +1,4 @@
-"""The ``graphquant`` command: optimize and inspect on the bundled model, and every way to misuse it.
+"""The graphquant command: optimize and inspect on the bundled model, and every way to misuse it.
 
 Success paths run the real entry point in a fresh process (``python -m graphquant``
 and the installed console script); error paths run ``cli.main`` in-process
