@@ -63,6 +63,7 @@ import numpy as np
 from tensorflow.core.framework import graph_pb2
 
 from graphquant.errors import CalibrationDataError
+from graphquant.execute import import_graph
 from graphquant.graph import INPUT_OPS, GraphIndex, canonical_tensor, node_name
 from graphquant.runtime import tf
 
@@ -126,10 +127,7 @@ def graph_input_specs(graph_def: graph_pb2.GraphDef,
             specs.append(None)
             others.append((len(specs) - 1, tensor))
     if others:
-        t = tf()
-        graph = t.Graph()
-        with graph.as_default():
-            t.graph_util.import_graph_def(graph_def, name="")
+        graph = import_graph(graph_def)
         for i, tensor in others:
             tt = graph.get_tensor_by_name(tensor)
             shape = None if tt.shape.rank is None else tuple(tt.shape.as_list())

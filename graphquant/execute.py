@@ -17,6 +17,22 @@ from graphquant.graph import GraphIndex, canonical_tensor, suggest_names
 from graphquant.runtime import tf
 
 
+def import_graph(graph_def: graph_pb2.GraphDef):
+    """A new ``tf.Graph`` holding ``graph_def``.
+
+    Imports a copy: ``tf.graph_util.import_graph_def`` adds default attributes
+    to the GraphDef it is given, which would make a converted graph's bytes
+    depend on whether it was ever run.
+    """
+    t = tf()
+    copy = graph_pb2.GraphDef()
+    copy.CopyFrom(graph_def)
+    graph = t.Graph()
+    with graph.as_default():
+        t.graph_util.import_graph_def(copy, name="")
+    return graph
+
+
 class GraphRunner:
     """A loaded graph and session; call it with feeds to get the fetched arrays."""
 
@@ -24,13 +40,11 @@ class GraphRunner:
                  threads: Optional[int] = None):
         t = tf()
         self.fetches = [canonical_tensor(f) for f in fetches]
-        self.graph = t.Graph()
-        with self.graph.as_default():
-            try:
-                t.graph_util.import_graph_def(graph_def, name="")
-            except (ValueError, TypeError, t.errors.OpError) as exc:
-                raise GraphQuantError(f"TensorFlow cannot load the graph: {_first_line(exc)}",
-                                      "check the graph with `graphquant inspect`") from None
+        try:
+            self.graph = import_graph(graph_def)
+        except (ValueError, TypeError, t.errors.OpError) as exc:
+            raise GraphQuantError(f"TensorFlow cannot load the graph: {_first_line(exc)}",
+                                  "check the graph with `graphquant inspect`") from None
         index = GraphIndex(graph_def)
         for name in self.fetches:
             if name.split(":")[0] not in index:
@@ -75,10 +89,7 @@ def run_graph(graph_def: graph_pb2.GraphDef, feeds: Mapping[str, np.ndarray],
 
 def tensor_shapes(graph_def: graph_pb2.GraphDef) -> Dict[str, Optional[List[Optional[int]]]]:
     """Static shape of each node's first output as TensorFlow infers it (None if unknown)."""
-    t = tf()
-    graph = t.Graph()
-    with graph.as_default():
-        t.graph_util.import_graph_def(graph_def, name="")
+    graph = import_graph(graph_def)
     shapes = {}
     for op in graph.get_operations():
         if op.outputs:

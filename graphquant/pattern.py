@@ -164,6 +164,14 @@ class RewriteContext:
         self.protected = set(protected)
         self._taken: Set[str] = set(index.nodes)
 
+    def ancestors(self, name: str) -> Set[str]:
+        """Names of every node ``name`` depends on (computed once per sweep)."""
+        import networkx as nx
+
+        if not hasattr(self, "_nx"):
+            self._nx = self.index.to_networkx()
+        return nx.ancestors(self._nx, name)
+
     def fresh_name(self, base: str) -> str:
         """``base`` if unused, else ``base_1``, ``base_2``... (never reused in this run)."""
         name, i = base, 0

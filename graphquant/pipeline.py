@@ -33,6 +33,20 @@ CLEANUP_PIPELINE: List[str] = [
     "remove_unused_nodes",
 ]
 
+# int8 rewrite, after calibration (ranges in ctx.options['ranges']).  Each
+# quantize pass makes self-contained int8 islands; the passes after it join
+# them into chains and clean up.
+QUANTIZE_PIPELINE: List[str] = [
+    "quantize_conv",
+    "quantize_matmul",
+    "quantize_pool",
+    "quantize_concat",
+    "quantize_pool",
+    "remove_dequantize_quantize_pairs",
+    "merge_duplicate_quantize",
+    "remove_unused_nodes",
+]
+
 
 @dataclass
 class PassContext:
@@ -56,8 +70,9 @@ class PassContext:
         node left in float, ``message`` says why) or ``int8`` (a node
         quantized; ``info`` carries its op, ranges...).
         """
-        self.notes.append({"pass": pass_name, "node": node, "message": message, "kind": kind,
-                           **info})
+        entry = {"pass": pass_name, "node": node, "message": message, "kind": kind, **info}
+        if entry not in self.notes:  # a pattern driver may ask twice about one node
+            self.notes.append(entry)
 
     def notes_of(self, kind: str) -> List[Dict[str, object]]:
         return [n for n in self.notes if n.get("kind", "note") == kind]

@@ -1,0 +1,104 @@
+"""``graphquant convert`` as a library call: fp32 GraphDef in, int8 GraphDef and report out.
+
+    from graphquant.convert import convert
+    result = convert("model.pb", calib="samples.npy")
+    result.graph_def          # the int8 GraphDef
+    print(result.report.summary())
+
+Steps, each checked before the next starts:
+
+1. the graph and the calibration data are loaded and checked (bad data fails
+   here, before any work);
+2. the fp32 clean-up pipeline (:data:`~graphquant.pipeline.CLEANUP_PIPELINE`);
+3. calibration: the clean fp32 graph runs on the samples, every tensor the
+   int8 passes may need is measured (:mod:`graphquant.calibrate`) and ranges
+   are planned (:mod:`graphquant.ranges`);
+4. the int8 pipeline (:data:`~graphquant.pipeline.QUANTIZE_PIPELINE`);
+5. the target and graphquant's version are recorded in the graph as a Const
+   ``graphquant_info`` (JSON), read back by :func:`graph_info`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+from tensorflow.core.framework import graph_pb2
+
+import graphquant
+from graphquant import target as target_mod
+from graphquant.api import GraphLike, as_graph_def, make_context, split_names
+from graphquant.calib_data import open_data
+from graphquant.calibrate import calibrate
+from graphquant.execute import tensor_shapes
+from graphquant.graph import const_value, make_const
+from graphquant.pipeline import CLEANUP_PIPELINE, QUANTIZE_PIPELINE, run_pipeline
+from graphquant.ranges import calibration_tensors, plan_ranges
+from graphquant.report import ConversionReport
+
+INFO_NODE = "graphquant_info"
+
+
+@dataclass
+class ConversionResult:
+    graph_def: graph_pb2.GraphDef
+    report: ConversionReport
+
+
+def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outputs=None,
+            calibration: str = "minmax", per_tensor: bool = False, target: str = "auto",
+            exclude: Sequence[str] = (), image_spec=None, calib_limit: Optional[int] = None,
+            percentile: Optional[float] = None,
+            progress: Optional[Callable[[int, Optional[int]], None]] = None,
+            debug: bool = False) -> ConversionResult:
+    """Quantize ``graph`` (GraphDef or path) to int8, calibrating on ``calib``.
+
+    ``calib``: a .npy (one input; first axis = samples), a .npz (one array per
+    input name), a folder of images (with ``image_spec``), or an iterable of
+    arrays / feed dicts.  ``calibration``: minmax, kl, percentile or mse.
+    ``target``: auto (this CPU), avx2 or vnni.  ``exclude``: node names or op
+    types to keep in fp32.  ``progress(done, total)`` is called during
+    calibration.
+    """
+    graph_def = as_graph_def(graph)
+    ctx = make_context(graph_def, inputs, outputs, debug=debug)
+    data = open_data(calib, graph_def, inputs=ctx.inputs, image_spec=image_spec,
+                     limit=calib_limit)
+    tgt = target_mod.resolve(target)
+    fp32 = run_pipeline(graph_def, CLEANUP_PIPELINE, ctx)
+
+    extra = {} if percentile is None else {"percentile": percentile}
+    ranges, stats = calibrate(fp32, calibration_tensors(fp32), data, method=calibration,
+                              progress=progress, **extra)
+    ctx.options.update(per_tensor=per_tensor, target=tgt, exclude=set(split_names(exclude)),
+                       weight_max_level=target_mod.weight_max_level(tgt.name))
+    int8 = quantize_graph(fp32, ranges, ctx)
+    info = {"graphquant": graphquant.__version__, "target": tgt.name,
+            "target_description": tgt.description,
+            "weight_max_level": ctx.options["weight_max_level"], "calibration": calibration,
+            "per_channel": not per_tensor, "op_family": "_FusedQuantizedConv2D/_QuantizedMatMul"}
+    int8.node.add().CopyFrom(make_const(INFO_NODE, np.array(json.dumps(info, sort_keys=True),
+                                                             dtype=object)))
+    report = ConversionReport.build(graph_def, fp32, int8, ctx, stats, info)
+    return ConversionResult(int8, report)
+
+
+def quantize_graph(fp32: graph_pb2.GraphDef, ranges, ctx,
+                   passes: Sequence[str] = tuple(QUANTIZE_PIPELINE)) -> graph_pb2.GraphDef:
+    """Run the int8 passes on a clean fp32 graph given calibrated ``ranges``
+    (tensor -> (min, max)); ranges are planned (:func:`plan_ranges`) first.
+    ``ctx.options`` may carry ``target``, ``per_tensor`` and ``exclude``."""
+    ctx.options.update(ranges=plan_ranges(fp32, ranges), shapes=tensor_shapes(fp32))
+    return run_pipeline(fp32, list(passes), ctx)
+
+
+def graph_info(graph_def: graph_pb2.GraphDef) -> dict:
+    """What :func:`convert` recorded in a converted graph ({} for other graphs)."""
+    for node in graph_def.node:
+        if node.name == INFO_NODE and node.op == "Const":
+            value = const_value(node)
+            raw = value.item() if hasattr(value, "item") else value
+            return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    return {}

@@ -1,0 +1,110 @@
+"""What every int8 rewrite pass does the same way: ranges, QuantizeV2 in, Dequantize out.
+
+Each quantize pass rewrites one fp32 pattern into a self-contained int8 island::
+
+    x ──► [fp32 pattern] ──► y         becomes
+    x ──► QuantizeV2 ──► int8 op ──► Dequantize (named y) ──► readers of y
+
+with every range a Const taken from the planned ranges (``ctx.options['ranges']``,
+tensor name -> (min, max), see :mod:`graphquant.ranges`).  Because a tensor has
+one planned range, the Dequantize that ends one island and the QuantizeV2 that
+starts the next describe the same integers, and ``remove_dequantize_quantize_pairs``
+joins the islands into int8 chains.  Signedness follows the range: a tensor that
+can be negative is qint8, otherwise quint8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+from graphquant import int8_ops, quant_math
+from graphquant.graph import canonical_tensor, make_const
+from graphquant.pattern import Match, RewriteContext
+
+import numpy as np
+
+
+def planned_range(ctx, tensor: str) -> Optional[Tuple[float, float]]:
+    """The planned (min, max) of an fp32 tensor, or None if it was not calibrated."""
+    ranges = ctx.options.get("ranges") or {}
+    return ranges.get(canonical_tensor(tensor))
+
+
+def quantize_weights(ctx, weights, kind: str, signed_input: bool, transpose_b: bool = False):
+    """Weights quantized for the target in ``ctx.options['target']`` (avx2 when unset):
+    the max level and multiple that keep the kernel exact there (:mod:`graphquant.target`)."""
+    from graphquant import target as target_mod
+
+    tgt = ctx.options.get("target")
+    name = tgt.name if tgt is not None else "avx2"
+    max_level, multiple = target_mod.weight_format(name, kind, signed_input)
+    return quant_math.quantize_weights(
+        weights, kind, per_channel=not ctx.options.get("per_tensor", False),
+        max_level=max_level, multiple=multiple, transpose_b=transpose_b)
+
+
+def excluded(ctx, match: Match) -> Optional[str]:
+    """The reason a match must stay fp32 because the user excluded one of its nodes."""
+    excludes = set(ctx.options.get("exclude") or ())
+    for node in match.matched:
+        if node.name in excludes or node.op in excludes:
+            return f"excluded by --exclude ({node.name if node.name in excludes else node.op})"
+    return None
+
+
+@dataclass
+class Island:
+    """Nodes of one int8 island under construction, named after its root."""
+
+    rctx: RewriteContext
+    root: str
+    nodes: List = field(default_factory=list)
+
+    def name(self, suffix: str) -> str:
+        return self.rctx.fresh_name(f"{self.root}/{suffix}")
+
+    def const(self, suffix: str, value, dtype=np.float32) -> str:
+        node = make_const(self.name(suffix), np.asarray(value, dtype))
+        self.nodes.append(node)
+        return node.name
+
+    def qconst(self, suffix: str, values, type_name: str) -> str:
+        node = int8_ops.quantized_const(self.name(suffix), values, type_name)
+        self.nodes.append(node)
+        return node.name
+
+    def range_consts(self, suffix: str, rng: Tuple[float, float], signed: bool) -> Tuple[str, str]:
+        lo, hi = quant_math.activation_range(rng[0], rng[1], signed)
+        return self.const(f"{suffix}_min", lo), self.const(f"{suffix}_max", hi)
+
+    def quantize(self, suffix: str, tensor: str, rng: Tuple[float, float]) -> "QTensor":
+        """QuantizeV2 of an fp32 tensor with its planned range."""
+        signed = quant_math.needs_signed(rng[0])
+        lo, hi = self.range_consts(suffix, rng, signed)
+        node = int8_ops.quantize_v2(self.name(suffix), tensor, lo, hi, signed)
+        self.nodes.append(node)
+        return QTensor(node.name, lo, hi, signed, rng)
+
+    def dequantize(self, q: str, lo: str, hi: str, signed: bool) -> None:
+        """The Dequantize that ends the island, named like the replaced root."""
+        self.nodes.append(int8_ops.dequantize(self.root, q, lo, hi, signed))
+
+
+@dataclass
+class QTensor:
+    """An int8 tensor inside an island: data, Const min/max names, signedness, range."""
+
+    data: str
+    min: str
+    max: str
+    signed: bool
+    range: Tuple[float, float]
+
+    @property
+    def type_name(self) -> str:
+        return "qint8" if self.signed else "quint8"
+
+    @property
+    def range_max(self) -> float:
+        return quant_math.activation_range(self.range[0], self.range[1], self.signed)[1]

@@ -1,0 +1,82 @@
+"""Which tensors to calibrate, and the one range each int8 tensor gets.
+
+Calibration measures every float tensor that enters or leaves an op the int8
+passes may rewrite.  :func:`plan_ranges` then makes ranges agree where int8 ops
+need them equal, so that no requantization is needed between them:
+
+* MaxPool / AvgPool output = input range (the quantized pools pass it through);
+* every ConcatV2 input and its output share one range (the union), so the
+  quantized concat is a plain copy and each producer requantizes straight
+  into it.
+
+Tensors tied this way form classes (union-find); a class's range is the union
+of its members' calibrated ranges.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+from tensorflow.core.framework import graph_pb2, types_pb2
+
+from graphquant.graph import GraphIndex, canonical_tensor, data_inputs, dtype_of
+
+QUANTIZABLE_OPS = frozenset({
+    "Conv2D", "DepthwiseConv2dNative", "MatMul", "BiasAdd", "Relu", "Relu6", "Add", "AddV2",
+    "MaxPool", "AvgPool", "ConcatV2",
+})
+RANGE_PRESERVING_OPS = frozenset({"MaxPool", "AvgPool"})
+
+Range = Tuple[float, float]
+
+
+def calibration_tensors(graph_def: graph_pb2.GraphDef) -> List[str]:
+    """Float tensors read or written by ops the int8 passes handle, in graph order."""
+    index = GraphIndex(graph_def)
+    wanted: Dict[str, None] = {}
+    for node in graph_def.node:
+        if node.op not in QUANTIZABLE_OPS or dtype_of(node) != types_pb2.DT_FLOAT:
+            continue
+        inputs = data_inputs(node)
+        if node.op == "ConcatV2":
+            inputs = inputs[:-1]  # the axis
+        for inp in inputs:
+            producer = index.node(inp)
+            if producer.op != "Const":
+                wanted[canonical_tensor(inp)] = None
+        wanted[canonical_tensor(node.name)] = None
+    return list(wanted)
+
+
+def plan_ranges(graph_def: graph_pb2.GraphDef, calibrated: Dict[str, Range]) -> Dict[str, Range]:
+    """Calibrated ranges, unified across pools and concats (module docstring)."""
+    parent = {t: t for t in calibrated}
+
+    def find(t):
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    def union(a, b):
+        if a in parent and b in parent:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)  # deterministic representative
+
+    for node in graph_def.node:
+        out = canonical_tensor(node.name)
+        if node.op in RANGE_PRESERVING_OPS:
+            union(out, canonical_tensor(data_inputs(node)[0]))
+        elif node.op == "ConcatV2":
+            for inp in data_inputs(node)[:-1]:
+                union(out, canonical_tensor(inp))
+    merged: Dict[str, Range] = {}
+    for t, (lo, hi) in calibrated.items():
+        root = find(t)
+        if root in merged:
+            mlo, mhi = merged[root]
+            merged[root] = (min(mlo, lo), max(mhi, hi))
+        else:
+            merged[root] = (float(lo), float(hi))
+    return {t: merged[find(t)] for t in calibrated}
