@@ -21,6 +21,12 @@ Which family to emit
 
 Outputs of every quantized op: ``:0`` data, ``:1`` min, ``:2`` max (the
 attribute-driven ops have no device outputs, so host output i is ``:i``).
+
+Also needing ``TF_ENABLE_ONEDNN_OPTS=1`` (never emitted): ``QuantizedConcatV2``
+(use :func:`concat_same_range`, a plain ConcatV2 on quint8).  Running with
+default settings: QuantizeV2, Dequantize, the attribute-driven convs and
+matmul, QuantizedMaxPool, QuantizedAvgPool, ConcatV2/Reshape on quantized
+types, Requantize.
 """
 
 from __future__ import annotations
@@ -323,7 +329,8 @@ def quantized_max_pool(name: str, input: str, min_input: str, max_input: str, *,
                        ksize: Sequence[int], strides: Sequence[int], padding: str
                        ) -> node_def_pb2.NodeDef:
     """``QuantizedMaxPool`` (NHWC, SAME/VALID): max of the integers, range passed
-    through unchanged -- bit-exact for quint8 and qint8."""
+    through unchanged -- bit-exact for quint8 and qint8; runs with default
+    settings (plain MaxPool has no quint8 kernel)."""
     return make_node("QuantizedMaxPool", name, [input, min_input, max_input], T=dtype(t),
                      ksize=list(ksize), strides=list(strides), padding=padding)
 
@@ -331,20 +338,33 @@ def quantized_max_pool(name: str, input: str, min_input: str, max_input: str, *,
 def quantized_avg_pool(name: str, input: str, min_input: str, max_input: str, *, t: str,
                        ksize: Sequence[int], strides: Sequence[int], padding: str
                        ) -> node_def_pb2.NodeDef:
-    """``QuantizedAvgPool`` (NHWC): mean of the integers rounded to nearest,
-    range passed through; SAME padding averages over the valid window only
-    (like float AvgPool)."""
+    """``QuantizedAvgPool`` (NHWC): mean of the integers, range passed through.
+    Runs with default settings, but the rounding depends on them: rounded down
+    without oneDNN (a -0.5 step bias), to nearest with ``TF_ENABLE_ONEDNN_OPTS=1``."""
     return make_node("QuantizedAvgPool", name, [input, min_input, max_input], T=dtype(t),
                      ksize=list(ksize), strides=list(strides), padding=padding)
+
+
+def concat_same_range(name: str, values: Sequence[str], axis: str, *, t: str
+                      ) -> node_def_pb2.NodeDef:
+    """Plain ``ConcatV2`` on quint8/qint8 tensors that share one range.
+
+    TensorFlow's ConcatV2 has CPU kernels for quantized types, runs with
+    default settings and copies the integers (bit-exact); the range of the
+    result is the shared input range (pass the inputs' min/max on).  This is
+    what graphquant emits: QuantizedConcatV2 needs oneDNN (below).
+    """
+    return make_node("ConcatV2", name, list(values) + [axis], N=len(values), T=dtype(t),
+                     Tidx=dtype("int32"))
 
 
 def quantized_concat(name: str, values: Sequence[str], axis: str, input_mins: Sequence[str],
                      input_maxes: Sequence[str], *, t: str) -> node_def_pb2.NodeDef:
     """``QuantizedConcatV2``: values..., axis (int32 const), mins..., maxes...
 
-    When all inputs share one range the integers are copied unchanged
-    (bit-exact); otherwise the op requantizes to the union range.  graphquant
-    gives all inputs one range (:func:`quant_math.merge_ranges`).
+    Its CPU kernel is a oneDNN placeholder: without ``TF_ENABLE_ONEDNN_OPTS=1``
+    it fails with "Missing 0-th output" -- use :func:`concat_same_range`.  With
+    oneDNN, inputs sharing one range are copied unchanged (bit-exact).
     """
     n = len(values)
     if len(input_mins) != n or len(input_maxes) != n:
