@@ -7,18 +7,24 @@ Before::                               After::
     NoOp, Assert, orphan Const             (gone)
 
 Graph inputs always stay, even when unread, so the graph's interface does not
-change.  Outputs are ``ctx.outputs`` (inferred when the user gave none).
+change.  Outputs are ``ctx.outputs`` (inferred when the user gave none); an
+output that names no node is an error, not a reason to delete the whole graph.
 """
 
 from __future__ import annotations
 
-from graphquant.graph import node_name
+from graphquant.errors import NodeNotFoundError
+from graphquant.graph import node_name, suggest_names
 from graphquant.pipeline import register_pass
 
 
 @register_pass("remove_unused_nodes")
 def remove_unused_nodes(graph_def, ctx):
     by_name = {n.name: n for n in graph_def.node}
+    for tensor in ctx.outputs:
+        if node_name(tensor) not in by_name:
+            raise NodeNotFoundError(f"output '{tensor}' names no node in the graph",
+                                    suggest_names(node_name(tensor), by_name))
     keep = set()
     stack = [node_name(t) for t in ctx.outputs] + list(ctx.inputs)
     while stack:

@@ -8,7 +8,10 @@ Before::                              After::
 
 A frozen inference graph holds no state (variables are rejected when it is
 loaded), so control edges only order side-effect-free work: they are dropped,
-which leaves NoOps and Asserts unread for ``remove_unused_nodes``.
+which leaves NoOps and Asserts unread for ``remove_unused_nodes``.  Colocation
+hints (``_class: loc:@node``) go too: they name nodes that this and later
+passes remove, and TensorFlow refuses to load a graph whose hint names a
+missing node.
 
 A graph output that is an Identity keeps its name: its producer is renamed to
 it (``Softmax -> Identity`` becomes a Softmax named ``Identity``, its other
@@ -43,6 +46,8 @@ def _drop_control_edges(graph_def):
         if len(keep) != len(node.input):
             del node.input[:]
             node.input.extend(keep)
+        if "_class" in node.attr:
+            del node.attr["_class"]
     return out
 
 
