@@ -6,10 +6,12 @@
     ranges, stats = calibrate(graph_def, ["conv/Relu:0"], data, method="kl")
     ranges["conv/Relu:0"]                                     # (min, max) as Python floats
 
-The tensors are fetched from one :class:`~graphquant.execute.GraphRunner`
-session per calibration (never read back from logs).  Per tensor,
-:class:`TensorStats` streams the exact min and max, the number of values and of
-non-finite values (left out of everything else), and a histogram:
+Statistics come from one TensorFlow session per calibration (never from
+logs): each float32 tensor is reduced inside the run (min, max, size and, when
+asked, its histogram), so activations are not copied out; other dtypes, and a
+batch holding NaN/Inf, are fetched whole and reduced in numpy, identically.
+Per tensor, :class:`TensorStats` keeps the exact min and max, the number of
+values and of non-finite values (left out of everything else), and a histogram:
 
 * ``2 * HIST_BINS`` equal bins over ``[-bound, bound)``, where ``bound`` is the
   smallest power of two strictly above the largest ``|x|`` seen so far;
@@ -24,20 +26,22 @@ Range methods (``method=``; ``methods={tensor: method}`` overrides per tensor):
 * ``minmax`` (default) -- the exact data range ``(min, max)``.
 * ``percentile`` -- ``(P(100-p), P(p))`` read from the histogram (within a bin
   width of ``numpy.percentile``), widened to contain 0; ``p=99.99`` by default.
-* ``kl`` -- entropy calibration in the manner TensorRT describes: on the ``|x|``
-  histogram (full resolution; TensorRT uses 2048 bins) try every clip threshold
-  ``T`` from ``levels`` bins up, compare the clipped distribution P (outliers added to
-  the last bin) with Q, the in-range part quantized to ``levels`` levels, and
-  keep the ``T`` of least KL(P||Q); the zero bin is levelled with its
-  neighbour first (see :func:`kl_threshold`).  One-signed tensors (e.g. after Relu) use
-  ``[0, T]`` with ``2**num_bits`` levels, others ``[-T, T]`` with
-  ``2**(num_bits-1)`` levels on ``|x|``.
-* ``mse`` -- the ``T`` (same ranges and levels as ``kl``) minimising the
-  expected quantization error on the histogram: clipped values cost
-  ``(|x| - T)**2``, values rounding to zero ``x**2``, other in-range values
-  ``step**2 / 12`` with ``step = T / (levels - 1)``.
+* ``kl`` -- entropy calibration in the manner TensorRT describes: on the
+  ``|x|`` histogram (full resolution; TensorRT uses 2048 bins) try the clip
+  thresholds ``T`` from ``levels`` bins up, compare the clipped distribution P
+  (outliers added to the last bin) with Q, the in-range part quantized to
+  ``levels`` levels, and keep the ``T`` of least KL(P||Q); the zero bin is
+  levelled with its neighbour first (see :func:`kl_threshold`).
+* ``mse`` -- the ``T`` minimising the expected quantization error on the
+  histogram: clipped values cost ``(|x| - T)**2``, values rounding to zero
+  ``x**2``, other in-range values ``step**2 / 12``, ``step = T / (levels - 1)``.
 
-A tensor whose data never exceeds ``T`` gets its exact data bound.
+For ``kl`` and ``mse``, one-signed tensors (e.g. after Relu) use ``[0, T]``
+with ``2**num_bits`` levels, others ``[-T, T]`` with ``2**(num_bits-1)``
+levels on ``|x|``; the range is then cut to the data range, so a side the
+data never reaches keeps its exact bound (and ``max(|lo|, |hi|)``, what a
+symmetric quantizer uses, is ``min(T, max|x|)``).  Every method but
+``minmax`` returns a range containing 0.
 """
 
 from __future__ import annotations
@@ -52,9 +56,10 @@ from typing import (Callable, Dict, Iterable, List, Mapping, NamedTuple, Optiona
 import numpy as np
 from tensorflow.core.framework import graph_pb2
 
-from graphquant.errors import CalibrationDataError, GraphQuantError
+from graphquant.errors import CalibrationDataError, GraphQuantError, NodeNotFoundError
 from graphquant.execute import GraphRunner
-from graphquant.graph import canonical_tensor
+from graphquant.graph import GraphIndex, canonical_tensor, node_name, suggest_names
+from graphquant.runtime import tf
 
 METHODS = ("minmax", "kl", "percentile", "mse")
 HIST_BINS = 8192            # bins per sign: >= 4096 bins between 0 and max|x|
@@ -117,17 +122,25 @@ class TensorStats:
         idx += HIST_BINS
         self.counts += np.bincount(idx, minlength=2 * HIST_BINS)
 
-    def _grow(self, bound: float) -> None:
-        """Double ``self.bound`` until it reaches ``bound``, merging pairs of bins."""
-        if not self.counts.any():
-            self.bound = bound
+    def add_reduced(self, size: int, lo: float, hi: float, counts: Optional[np.ndarray] = None,
+                    bound: Optional[float] = None) -> None:
+        """Add a batch already reduced to its size, min, max and (optionally) its histogram
+        binned at ``bound`` (as :meth:`update` would at that bound); all values finite."""
+        if not size:
             return
-        n = HIST_BINS
-        while self.bound < bound:
-            merged = np.zeros_like(self.counts)
-            merged[n // 2:n // 2 + n] = self.counts.reshape(n, 2).sum(axis=1)
-            self.counts = merged
-            self.bound *= 2.0
+        self.count += int(size)
+        self.min = min(self.min, float(lo))
+        self.max = max(self.max, float(hi))
+        if self.counts is None:
+            return
+        if bound > self.bound:
+            self._grow(bound)
+        self.counts += _merge_up(np.asarray(counts, np.int64), bound, self.bound)
+
+    def _grow(self, bound: float) -> None:
+        """Raise ``self.bound`` to ``bound`` (a larger power of two), merging bins."""
+        self.counts = _merge_up(self.counts, self.bound, bound)
+        self.bound = bound
 
     # ---- views
     @property
@@ -207,6 +220,22 @@ class CalibrationStats:
                 "tensors": [s.summary() for s in self.tensors.values()]}
 
 
+def _merge_up(counts: np.ndarray, bound: float, new_bound: float) -> np.ndarray:
+    """``counts`` binned over ``[-bound, bound)`` re-binned over ``[-new_bound, new_bound)``.
+
+    Both are powers of two: each doubling merges bins pairwise, exactly.
+    """
+    if new_bound <= bound or not counts.any():
+        return counts.copy() if new_bound <= bound else np.zeros_like(counts)
+    n = HIST_BINS
+    while bound < new_bound:
+        merged = np.zeros_like(counts)
+        merged[n // 2:n // 2 + n] = counts.reshape(n, 2).sum(axis=1)
+        counts = merged
+        bound *= 2.0
+    return counts
+
+
 def _pow2_above(a: float) -> float:
     """The smallest power of two strictly greater than ``a`` (at least ``_TINY``)."""
     if a < _TINY:
@@ -220,37 +249,130 @@ def collect_statistics(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
                        data: Iterable[Mapping[str, np.ndarray]], *, histograms: bool = True,
                        progress: Optional[Progress] = None,
                        threads: Optional[int] = None) -> CalibrationStats:
-    """Run ``graph_def`` on every feed of ``data`` fetching ``tensors``; return their statistics.
+    """Run ``graph_def`` on every feed of ``data``; return the statistics of ``tensors``.
 
     ``data`` is a :class:`~graphquant.calib_data.CalibrationData` (or any
     iterable of feed dicts).  ``progress(done_samples, total_samples)`` is
-    called after each feed (total None when unknown).  Histograms cost a few
-    passes over each fetched tensor; leave them off for ``minmax`` alone.
+    called after each feed (total None when unknown).
+
+    float32 tensors are reduced inside the TensorFlow run (see
+    :func:`_add_reductions`), so no activation is copied out of the session;
+    a batch where one of them holds NaN/Inf, and every other dtype, is fetched
+    whole and added by :meth:`TensorStats.update` -- the two give identical
+    statistics.  Histograms cost a few passes over each tensor; leave them
+    off for ``minmax`` alone.
     """
     names = list(dict.fromkeys(tensors))
     fetches = list(dict.fromkeys(canonical_tensor(n) for n in names))
+    _check_tensor_names(graph_def, fetches)
     stats = {f: TensorStats(f, histogram=histograms) for f in fetches}
+    reduced_graph, reduced, raw = _add_reductions(graph_def, fetches, histograms)
+    run_names = [name for r in reduced for name in r.outputs] + raw
     total = getattr(data, "num_samples", None)
     done = feeds_run = 0
     run_seconds = stats_seconds = 0.0
-    with GraphRunner(graph_def, fetches, threads=threads) as runner:
-        for feeds in data:
-            start = time.perf_counter()
-            values = runner(feeds)
-            middle = time.perf_counter()
-            for fetch, value in zip(fetches, values):
-                stats[fetch].update(value)
-            run_seconds += middle - start
-            stats_seconds += time.perf_counter() - middle
-            feeds_run += 1
-            done += _feed_samples(feeds)
-            if progress:
-                progress(done, total)
+    fallback: Optional[GraphRunner] = None
+    with GraphRunner(reduced_graph, run_names, threads=threads) as runner:
+        try:
+            for feeds in data:
+                start = time.perf_counter()
+                values = runner(feeds)
+                run_seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                redo = []
+                position = 0
+                for r in reduced:
+                    size, lo, hi, total_sum, *hist = values[position:position + len(r.outputs)]
+                    position += len(r.outputs)
+                    if not (np.isfinite(lo) and np.isfinite(hi) and np.isfinite(total_sum)):
+                        redo.append(r.tensor)        # NaN/Inf, or a sum that overflowed
+                    elif hist:
+                        stats[r.tensor].add_reduced(int(size), lo, hi, hist[0],
+                                                    math.ldexp(1.0, int(hist[1])))
+                    else:
+                        stats[r.tensor].add_reduced(int(size), lo, hi)
+                for tensor, value in zip(raw, values[position:]):
+                    stats[tensor].update(value)
+                stats_seconds += time.perf_counter() - start
+                if redo:
+                    if fallback is None:
+                        fallback = GraphRunner(graph_def, [r.tensor for r in reduced],
+                                               threads=threads)
+                    start = time.perf_counter()
+                    whole = dict(zip(fallback.fetches, fallback(feeds)))
+                    run_seconds += time.perf_counter() - start
+                    for tensor in redo:
+                        stats[tensor].update(whole[tensor])
+                feeds_run += 1
+                done += _feed_samples(feeds)
+                if progress:
+                    progress(done, total)
+        finally:
+            if fallback is not None:
+                fallback.close()
     if not feeds_run:
         raise CalibrationDataError("the calibration data yielded no feeds",
                                    "give at least one calibration sample")
     return CalibrationStats({n: stats[canonical_tensor(n)] for n in names}, done, feeds_run,
                             run_seconds, stats_seconds, getattr(data, "source", ""))
+
+
+@dataclass
+class _Reduction:
+    tensor: str            # the calibrated tensor
+    outputs: List[str]     # size, min, max, sum [, histogram counts, log2 of the bound]
+
+
+_SCOPE = "graphquant_calibration"
+
+
+def _add_reductions(graph_def: graph_pb2.GraphDef, fetches: Sequence[str], histograms: bool):
+    """``graph_def`` plus, per float32 tensor, ops reducing it to what TensorStats keeps.
+
+    Per tensor: size, min, max and sum (a NaN/Inf anywhere makes one of them
+    non-finite; then the batch is redone exactly in numpy).  With histograms:
+    the exponent of the bound -- the smallest power of two above max|x|,
+    read from the float's bits, so exact -- and ``bincount(floor(x * 2**13 /
+    bound) + 2**13)``: the bins :meth:`TensorStats.update` computes.  Returns
+    (graph_def, reductions, tensors to fetch whole).
+    """
+    t = tf()
+    graph = t.Graph()
+    reduced, raw = [], []
+    with graph.as_default():
+        t.graph_util.import_graph_def(graph_def, name="")
+        min_exp = int(math.log2(_TINY))
+        bins_exp = int(math.log2(HIST_BINS))
+        for k, name in enumerate(fetches):
+            tensor = graph.get_tensor_by_name(name)
+            if tensor.dtype != t.float32:
+                raw.append(name)
+                continue
+            with t.name_scope(f"{_SCOPE}/{k}"):
+                flat = t.reshape(tensor, [-1])
+                lo, hi = t.reduce_min(flat), t.reduce_max(flat)
+                outs = [t.size(flat, out_type=t.int64), lo, hi, t.reduce_sum(flat)]
+                if histograms:
+                    absmax = t.maximum(-lo, hi)
+                    biased = t.bitwise.right_shift(t.bitcast(absmax, t.int32), 23) & 0xFF
+                    bound_exp = t.maximum(biased - 126, min_exp)   # absmax < 2**bound_exp
+                    scale = t.bitcast(t.bitwise.left_shift(bins_exp - bound_exp + 127, 23),
+                                      t.float32)                   # 2**(13 - bound_exp)
+                    index = t.cast(t.floor(flat * scale), t.int32) + HIST_BINS
+                    index = t.clip_by_value(index, 0, 2 * HIST_BINS - 1)   # only NaN/Inf batches
+                    outs += [t.math.bincount(index, minlength=2 * HIST_BINS,
+                                             maxlength=2 * HIST_BINS, dtype=t.int64), bound_exp]
+            reduced.append(_Reduction(name, [o.name for o in outs]))
+    return graph.as_graph_def(), reduced, raw
+
+
+def _check_tensor_names(graph_def: graph_pb2.GraphDef, fetches: Sequence[str]) -> None:
+    index = GraphIndex(graph_def)
+    for name in fetches:
+        node = node_name(name)
+        if node not in index:
+            raise NodeNotFoundError(f"no tensor '{name}' in the graph",
+                                    suggest_names(node, index.nodes))
 
 
 def _feed_samples(feeds: Mapping[str, np.ndarray]) -> int:

@@ -9,7 +9,7 @@ from graphquant.calib_data import open_data
 from graphquant.calibrate import (HIST_BINS, METHODS, TensorStats, calibrate, collect_statistics,
                                   compute_ranges, kl_divergences, kl_threshold, mse_curve,
                                   mse_threshold, quantization_mse, stderr_progress, tensor_range)
-from graphquant.errors import CalibrationDataError, GraphQuantError
+from graphquant.errors import CalibrationDataError, GraphQuantError, NodeNotFoundError
 from graphquant.execute import GraphRunner
 from graphquant.runtime import tf
 from helpers import build_graph
@@ -70,6 +70,40 @@ def test_same_input_gives_identical_ranges_for_every_method(tmp_path):
     lo, hi = first[0].ranges["conv:0"]
     for ranges, _ in first[1:]:
         assert lo <= ranges["conv:0"][0] <= 0 <= ranges["conv:0"][1] <= hi
+
+
+def test_in_graph_reductions_equal_numpy_statistics_and_handle_nan_inf():
+    t = tf()
+
+    def body(x):
+        y = t.identity(x * 3.0 - 1.0, name="y")
+        log = t.math.log(x, name="log")                  # -inf at 0, NaN below 0
+        index = t.argmax(t.reshape(x, [-1, 4]), axis=1, name="index")   # int64: fetched whole
+        return y, log, index
+
+    gd, _ = build_graph(body, x=[None, 4])
+    rng = np.random.default_rng(8)
+    batches = [rng.uniform(0.5, 2.0, size=(3, 4)).astype(np.float32) for _ in range(4)]
+    batches[1][0, 0], batches[2][1, 1] = 0.0, -1.0
+    batches[2][0, 0] = batches[2][2, 3] = 1e38                # finite, but their sum overflows
+    batches[3] *= 64                                          # the range grows
+    names = ["y:0", "log:0", "index:0"]
+    stats = collect_statistics(gd, names, [{"x": b} for b in batches])
+    with GraphRunner(gd, names) as runner:
+        outputs = [runner({"x": b}) for b in batches]
+    for i, name in enumerate(names):
+        expected = TensorStats(name)
+        for out in outputs:
+            expected.update(out[i])
+        got = stats[name]
+        assert (got.count, got.nonfinite, got.min, got.max, got.bound) == (
+            expected.count, expected.nonfinite, expected.min, expected.max, expected.bound), name
+        np.testing.assert_array_equal(got.counts, expected.counts)
+    assert stats["log:0"].nonfinite == 2 and stats["log:0"].count == 46
+    assert stats["y:0"].nonfinite == 0 and stats["y:0"].max > 1e38
+    assert stats.unusable() == ["log:0"]
+    with pytest.raises(NodeNotFoundError, match="did you mean 'log'"):
+        collect_statistics(gd, ["lgo:0"], [{"x": batches[0]}])
 
 
 def test_per_tensor_methods_and_option_errors():
