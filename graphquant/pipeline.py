@@ -44,6 +44,7 @@ QUANTIZE_PIPELINE: List[str] = [
     "quantize_pool",
     "remove_dequantize_quantize_pairs",
     "merge_duplicate_quantize",
+    "skip_requantize_for_fp32_readers",
     "remove_unused_nodes",
 ]
 
