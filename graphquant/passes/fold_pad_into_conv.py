@@ -145,8 +145,9 @@ def _plan_conv(index, conv, pad, amounts, shapes) -> Union[str, Tuple[str, List[
     if known and total == same_padding(x_size, kernel_size, strides, dilations):
         return "SAME", []
     if conv.op == "DepthwiseConv2dNative" and padding != "EXPLICIT":
-        return ("the pad is not what SAME adds, and a DepthwiseConv2dNative with EXPLICIT "
-                "padding aborts TensorFlow 2.21 (oneDNN on) once it is fused with a BiasAdd")
+        why = "the pad is not what SAME adds" if known else "the static input shape is unknown"
+        return (f"{why}, and a DepthwiseConv2dNative with EXPLICIT padding aborts "
+                "TensorFlow 2.21 (oneDNN on) once it is fused with a BiasAdd")
     explicit = [0] * 8
     for k, d in enumerate((h, w)):
         explicit[2 * d], explicit[2 * d + 1] = total[k]
