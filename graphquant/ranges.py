@@ -7,7 +7,10 @@ need them equal, so that no requantization is needed between them:
 * MaxPool / AvgPool output = input range (the quantized pools pass it through);
 * every ConcatV2 input and its output share one range (the union), so the
   quantized concat is a plain copy and each producer requantizes straight
-  into it.
+  into it -- unless the inputs' ranges differ by more than
+  :data:`CONCAT_MAX_RATIO`: one shared 8-bit range would round the small input
+  to a few steps (a constant-Q front end concatenates octaves whose magnitudes
+  differ 300x), so such a concat keeps separate ranges and stays fp32.
 
 Tensors tied this way form classes (union-find); a class's range is the union
 of its members' calibrated ranges.
@@ -26,6 +29,7 @@ QUANTIZABLE_OPS = frozenset({
     "MaxPool", "AvgPool", "ConcatV2",
 })
 RANGE_PRESERVING_OPS = frozenset({"MaxPool", "AvgPool"})
+CONCAT_MAX_RATIO = 8.0  # the smallest input keeps at least 255/8 = 32 steps
 
 Range = Tuple[float, float]
 
@@ -48,6 +52,13 @@ def calibration_tensors(graph_def: graph_pb2.GraphDef) -> List[str]:
     return list(wanted)
 
 
+def _compatible(ranges) -> bool:
+    if any(r is None for r in ranges):
+        return False
+    sizes = [max(abs(lo), abs(hi)) for lo, hi in ranges]
+    return max(sizes) <= CONCAT_MAX_RATIO * max(min(sizes), 1e-12)
+
+
 def plan_ranges(graph_def: graph_pb2.GraphDef, calibrated: Dict[str, Range]) -> Dict[str, Range]:
     """Calibrated ranges, unified across pools and concats (module docstring)."""
     parent = {t: t for t in calibrated}
@@ -68,7 +79,8 @@ def plan_ranges(graph_def: graph_pb2.GraphDef, calibrated: Dict[str, Range]) -> 
         out = canonical_tensor(node.name)
         if node.op in RANGE_PRESERVING_OPS:
             union(out, canonical_tensor(data_inputs(node)[0]))
-        elif node.op == "ConcatV2":
+        elif node.op == "ConcatV2" and _compatible(
+                [calibrated.get(canonical_tensor(t)) for t in data_inputs(node)[:-1]]):
             for inp in data_inputs(node)[:-1]:
                 union(out, canonical_tensor(inp))
     merged: Dict[str, Range] = {}

@@ -2,8 +2,9 @@
 
 Built from the passes' notes (``ctx.note(..., kind="int8" | "fp32")``) and from
 the graphs themselves, so an op no pass knows about still gets a line: every
-op left in float in the output graph is listed with the reason a pass gave,
-or "no int8 pattern for this op" when none did.
+node of the clean fp32 graph that is still in the output graph, unchanged, is
+listed with the reason a pass gave, or "no int8 pattern for this op" when none
+did.
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ from graphquant.graph import op_histogram
 _PLUMBING = frozenset({
     "Const", "Placeholder", "Identity", "QuantizeV2", "Dequantize", "NoOp", "Shape", "Pack",
     "StridedSlice", "Reshape", "Squeeze", "ExpandDims", "Cast",
-})
-_INT8_OPS = frozenset({
-    "_FusedQuantizedConv2D", "_FusedQuantizedDepthwiseConv2D", "_QuantizedMatMul",
-    "QuantizedMaxPool", "QuantizedAvgPool", "QuantizedConcatV2", "Requantize",
-    "RequantizePerChannel",
 })
 COMPUTE_OPS = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul", "Conv2DBackpropInput",
                          "BatchMatMulV2", "BatchMatMul"})
@@ -47,9 +43,10 @@ class ConversionReport:
         reasons = {}
         for note in ctx.notes_of("fp32"):
             reasons.setdefault(note["node"], note)
+        kept = {(n.name, n.op) for n in int8.node}
         fp32_left = []
-        for node in int8.node:
-            if node.op in _PLUMBING or node.op in _INT8_OPS:
+        for node in fp32.node:  # nodes of the clean fp32 graph still there, unchanged
+            if node.op in _PLUMBING or (node.name, node.op) not in kept:
                 continue
             note = reasons.get(node.name)
             fp32_left.append({"node": node.name, "op": node.op,

@@ -43,3 +43,12 @@ def test_plan_is_deterministic_and_leaves_untied_ranges():
     calibrated = {"x:0": (0.0, 2.0), "conv_a:0": (-3.0, 1.0)}
     assert plan_ranges(gd, calibrated) == plan_ranges(gd, dict(reversed(calibrated.items())))
     assert plan_ranges(gd, calibrated)["x:0"] == (0.0, 2.0)
+
+
+def test_concat_of_very_different_ranges_is_not_unified():
+    gd, _ = _graph()
+    calibrated = {"x:0": (0.0, 100.0), "conv_a:0": (-3.0, 1.0), "a:0": (0.0, 1.0),
+                  "pool:0": (0.0, 100.0), "cat:0": (0.0, 100.0)}
+    planned = plan_ranges(gd, calibrated)
+    assert planned["a:0"] == (0.0, 1.0)  # not widened 100x
+    assert planned["pool:0"] == planned["x:0"] == (0.0, 100.0)  # the pool still ties

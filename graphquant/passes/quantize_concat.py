@@ -13,7 +13,8 @@ After::
     c ─► QuantizeV2 ─┘
 
 The planned ranges give every input and the output one range (the union,
-:mod:`graphquant.ranges`), so each producer requantizes straight into it, the
+:mod:`graphquant.ranges`; a concat whose inputs' ranges differ too much gets
+none and stays fp32), so each producer requantizes straight into it, the
 QuantizeV2s disappear in ``remove_dequantize_quantize_pairs`` and the concat
 copies integers.  Rewritten only when at least half of the inputs come from
 int8 ops (each fp32 input costs a QuantizeV2); the axis must be a Const.
@@ -48,6 +49,10 @@ def _quantize(match, rctx, ctx):
     rngs = [planned_range(ctx, v) for v in values]
     out_rng = planned_range(ctx, concat.name)
     if out_rng is None or any(r is None for r in rngs):
+        return None
+    if any(r != out_rng for r in rngs):
+        ctx.note(PASS, concat.name, "its inputs' ranges differ too much to share one int8 range",
+                 kind="fp32", op="ConcatV2")
         return None
     from_int8 = sum(index.node(v).op == "Dequantize" for v in values)
     if 2 * from_int8 < len(values):
