@@ -7,10 +7,8 @@
     ranges["conv/Relu:0"]                                     # (min, max) as Python floats
 
 Statistics come from one TensorFlow session per calibration (never from
-logs): each float32 tensor is reduced inside the run (min, max, size and, when
-asked, its histogram), so activations are not copied out; other dtypes, and a
-batch holding NaN/Inf, are fetched whole and reduced in numpy, identically.
-Per tensor, :class:`TensorStats` keeps the exact min and max, the number of
+logs), reduced in numpy from the fetched tensors or, with ``in_graph=True``,
+inside the run (see :func:`collect_statistics`), identically.  Per tensor, :class:`TensorStats` keeps the exact min and max, the number of
 values and of non-finite values (left out of everything else), and a histogram:
 
 * ``2 * HIST_BINS`` equal bins over ``[-bound, bound)``, where ``bound`` is the
@@ -248,25 +246,32 @@ def _pow2_above(a: float) -> float:
 def collect_statistics(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
                        data: Iterable[Mapping[str, np.ndarray]], *, histograms: bool = True,
                        progress: Optional[Progress] = None,
-                       threads: Optional[int] = None) -> CalibrationStats:
+                       threads: Optional[int] = None,
+                       in_graph: bool = False) -> CalibrationStats:
     """Run ``graph_def`` on every feed of ``data``; return the statistics of ``tensors``.
 
     ``data`` is a :class:`~graphquant.calib_data.CalibrationData` (or any
     iterable of feed dicts).  ``progress(done_samples, total_samples)`` is
-    called after each feed (total None when unknown).
+    called after each feed (total None when unknown).  Histograms cost a few
+    passes over each tensor; leave them off for ``minmax`` alone.
 
-    float32 tensors are reduced inside the TensorFlow run (see
-    :func:`_add_reductions`), so no activation is copied out of the session;
-    a batch where one of them holds NaN/Inf, and every other dtype, is fetched
-    whole and added by :meth:`TensorStats.update` -- the two give identical
-    statistics.  Histograms cost a few passes over each tensor; leave them
-    off for ``minmax`` alone.
+    By default the tensors are fetched and reduced by :meth:`TensorStats.update`;
+    one feed's fetched tensors are in memory at once (ResNet50, 225 tensors:
+    ~140 MB per image).  ``in_graph=True`` reduces float32 tensors inside the
+    TensorFlow run instead (:func:`_add_reductions`), so nothing large leaves
+    the session; a batch where one of them holds NaN/Inf, and other dtypes,
+    are still fetched whole.  Both give identical statistics; in-graph was
+    slower here (ResNet50, 8 images: 13-16 s vs 6-11 s, 32-37 s vs 9-12 s with
+    histograms, on a loaded 2-core machine), hence off by default.
     """
     names = list(dict.fromkeys(tensors))
     fetches = list(dict.fromkeys(canonical_tensor(n) for n in names))
     _check_tensor_names(graph_def, fetches)
     stats = {f: TensorStats(f, histogram=histograms) for f in fetches}
-    reduced_graph, reduced, raw = _add_reductions(graph_def, fetches, histograms)
+    if in_graph:
+        reduced_graph, reduced, raw = _add_reductions(graph_def, fetches, histograms)
+    else:
+        reduced_graph, reduced, raw = graph_def, [], fetches
     run_names = [name for r in reduced for name in r.outputs] + raw
     total = getattr(data, "num_samples", None)
     done = feeds_run = 0
@@ -405,7 +410,7 @@ def calibrate(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
               methods: Optional[Mapping[str, str]] = None,
               percentile: float = DEFAULT_PERCENTILE, num_bits: int = 8,
               progress: Optional[Progress] = None, threads: Optional[int] = None,
-              histograms: Optional[bool] = None) -> Calibration:
+              histograms: Optional[bool] = None, in_graph: bool = False) -> Calibration:
     """Run the fp32 graph on ``data`` and return ``(ranges, stats)`` for ``tensors``.
 
     ``ranges`` maps each name in ``tensors`` (as given) to ``(min, max)`` chosen
@@ -413,13 +418,14 @@ def calibrate(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
     statistics for the report and for re-computing ranges with another method
     (:func:`compute_ranges`) without running the graph again; histograms are
     collected unless every method is ``minmax`` (force with ``histograms=True``).
+    ``in_graph``: see :func:`collect_statistics`.
     """
     methods = dict(methods or {})
     _check_options(method, methods, percentile, num_bits, tensors)
     if histograms is None:
         histograms = any(m != "minmax" for m in [method, *methods.values()])
     stats = collect_statistics(graph_def, tensors, data, histograms=histograms,
-                               progress=progress, threads=threads)
+                               progress=progress, threads=threads, in_graph=in_graph)
     return Calibration(compute_ranges(stats, method, methods=methods, percentile=percentile,
                                       num_bits=num_bits), stats)
 

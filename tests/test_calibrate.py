@@ -44,6 +44,7 @@ def test_minmax_ranges_equal_numpy_min_max_exactly(tmp_path):
     seen = []
     ranges, stats = calibrate(gd, TENSORS, data, progress=lambda d, t: seen.append((d, t)))
     assert seen == [(i, 6) for i in range(1, 7)]
+    assert calibrate(gd, TENSORS, data, in_graph=True).ranges == ranges
     with GraphRunner(gd, TENSORS) as runner:
         outputs = [runner(f) for f in data]
     for i, name in enumerate(TENSORS):
@@ -72,7 +73,7 @@ def test_same_input_gives_identical_ranges_for_every_method(tmp_path):
         assert lo <= ranges["conv:0"][0] <= 0 <= ranges["conv:0"][1] <= hi
 
 
-def test_in_graph_reductions_equal_numpy_statistics_and_handle_nan_inf():
+def test_numpy_and_in_graph_statistics_are_identical_and_handle_nan_inf():
     t = tf()
 
     def body(x):
@@ -88,20 +89,21 @@ def test_in_graph_reductions_equal_numpy_statistics_and_handle_nan_inf():
     batches[2][0, 0] = batches[2][2, 3] = 1e38                # finite, but their sum overflows
     batches[3] *= 64                                          # the range grows
     names = ["y:0", "log:0", "index:0"]
-    stats = collect_statistics(gd, names, [{"x": b} for b in batches])
     with GraphRunner(gd, names) as runner:
         outputs = [runner({"x": b}) for b in batches]
-    for i, name in enumerate(names):
-        expected = TensorStats(name)
-        for out in outputs:
-            expected.update(out[i])
-        got = stats[name]
-        assert (got.count, got.nonfinite, got.min, got.max, got.bound) == (
-            expected.count, expected.nonfinite, expected.min, expected.max, expected.bound), name
-        np.testing.assert_array_equal(got.counts, expected.counts)
-    assert stats["log:0"].nonfinite == 2 and stats["log:0"].count == 46
-    assert stats["y:0"].nonfinite == 0 and stats["y:0"].max > 1e38
-    assert stats.unusable() == ["log:0"]
+    for in_graph in (False, True):
+        stats = collect_statistics(gd, names, [{"x": b} for b in batches], in_graph=in_graph)
+        for i, name in enumerate(names):
+            expected = TensorStats(name)
+            for out in outputs:
+                expected.update(out[i])
+            got = stats[name]
+            assert (got.count, got.nonfinite, got.min, got.max, got.bound) == (
+                expected.count, expected.nonfinite, expected.min, expected.max, expected.bound)
+            np.testing.assert_array_equal(got.counts, expected.counts)
+        assert stats["log:0"].nonfinite == 2 and stats["log:0"].count == 46
+        assert stats["y:0"].nonfinite == 0 and stats["y:0"].max > 1e38
+        assert stats.unusable() == ["log:0"]
     with pytest.raises(NodeNotFoundError, match="did you mean 'log'"):
         collect_statistics(gd, ["lgo:0"], [{"x": batches[0]}])
 
