@@ -29,7 +29,9 @@ def _conv(x, op, fmt, kernel=3, channels=2, stride=1, dilation=1, padding="VALID
 
 
 def _pads(fmt, h, w):
-    return [[0, 0], list(h), list(w), [0, 0]] if fmt == "NHWC" else [[0, 0], [0, 0], list(h), list(w)]
+    if fmt == "NHWC":
+        return [[0, 0], list(h), list(w), [0, 0]]
+    return [[0, 0], [0, 0], list(h), list(w)]
 
 
 def _fold(gd, outputs):
@@ -89,7 +91,8 @@ def test_depthwise_takes_a_same_pad_but_never_explicit(fmt):
     assert ctx.notes == []
     _check_numbers(gd, folded, outs, shape)
 
-    _not_folded(lambda x: body(x, True), shape, "DepthwiseConv2dNative with EXPLICIT padding aborts")
+    _not_folded(lambda x: body(x, True), shape,
+                "DepthwiseConv2dNative with EXPLICIT padding aborts")
 
 
 @pytest.mark.parametrize("size,stride,dilation,pad,want", [
@@ -116,7 +119,8 @@ def test_pad_equal_to_what_same_adds_becomes_same(size, stride, dilation, pad, w
     _check_numbers(gd, folded, outs, [1, size, size, 2])
 
 
-@pytest.mark.parametrize("conv_padding,explicit", [("SAME", ()), ("EXPLICIT", (0, 0, 1, 0, 0, 2, 0, 0))])
+@pytest.mark.parametrize("conv_padding,explicit", [
+    ("SAME", ()), ("EXPLICIT", (0, 0, 1, 0, 0, 2, 0, 0))])
 def test_pad_adds_to_the_convs_own_padding(conv_padding, explicit):
     t = tf()
 
