@@ -487,7 +487,11 @@ def _open_npz(path: str, ctx: _Context) -> CalibrationData:
 
 def _load_npy(path: str) -> np.ndarray:
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        if not isinstance(array, np.ndarray):
+            array.close()
+            raise ValueError("it is a .npz archive, not a single array")
+        return array
     except (OSError, ValueError, EOFError) as exc:
         raise CalibrationDataError(f"cannot read '{path}' as a .npy array: {exc}",
                                    "write it with np.save(path, array) (numeric dtype, "

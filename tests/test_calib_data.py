@@ -107,6 +107,13 @@ def test_npz_keys_with_or_without_port(tmp_path):
     np.testing.assert_array_equal(got[2]["b:0"], b[2:3])
 
 
+def test_npz_key_with_a_scope(tmp_path):
+    path = str(tmp_path / "scoped.npz")
+    np.savez(path, **{"model/input": np.ones((2, 3), "f4")})
+    got = feeds(open_data(path, specs=[InputSpec("model/input:0", (1, 3), F32)]))
+    assert len(got) == 2 and list(got[0]) == ["model/input:0"]
+
+
 def test_npz_errors(tmp_path):
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(3, 3)).astype(np.float32), rng.normal(size=(3, 2, 2)).astype(np.float32)
@@ -134,6 +141,10 @@ def test_missing_unreadable_and_unknown_files(tmp_path):
     pickled = tmp_path / "objects.npy"
     np.save(str(pickled), np.array([{"a": 1}], dtype=object), allow_pickle=True)
     raises("cannot read .* as a .npy", open_data, str(pickled), specs=spec())
+    archive = str(tmp_path / "archive.npy")
+    with open(archive, "wb") as f:
+        np.savez(f, x=np.zeros((2, 4, 4, 3), "f4"))
+    raises("cannot read .* as a .npy array: it is a .npz archive", open_data, archive, specs=spec())
     other = tmp_path / "x.csv"
     other.write_text("1,2,3")
     raises("neither .npy, .npz nor a folder", open_data, str(other), specs=spec())
