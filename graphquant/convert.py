@@ -13,7 +13,10 @@ Steps, each checked before the next starts:
 3. calibration: the clean fp32 graph runs on the samples, every tensor the
    int8 passes may need is measured (:mod:`graphquant.calibrate`) and ranges
    are planned (:mod:`graphquant.ranges`);
-4. the int8 pipeline (:data:`~graphquant.pipeline.QUANTIZE_PIPELINE`);
+4. the int8 islands (:data:`~graphquant.pipeline.ISLAND_PASSES`), each one's
+   error measured on the calibration data (:mod:`graphquant.sensitivity`);
+   an island whose own error is above ``max_layer_error`` is left in fp32;
+   then the islands are joined (:data:`~graphquant.pipeline.JOIN_PASSES`);
 5. the target and graphquant's version are recorded in the graph as a Const
    ``graphquant_info`` (JSON), read back by :func:`graph_info`.
 """
@@ -34,9 +37,11 @@ from graphquant.calib_data import open_data
 from graphquant.calibrate import calibrate
 from graphquant.execute import tensor_shapes
 from graphquant.graph import const_value, make_const
-from graphquant.pipeline import CLEANUP_PIPELINE, QUANTIZE_PIPELINE, run_pipeline
+from graphquant.pipeline import (CLEANUP_PIPELINE, ISLAND_PASSES, JOIN_PASSES, QUANTIZE_PIPELINE,
+                                 run_pipeline)
 from graphquant.ranges import calibration_tensors, plan_ranges
 from graphquant.report import ConversionReport
+from graphquant.sensitivity import island_errors, worst_first
 
 INFO_NODE = "graphquant_info"
 
@@ -50,7 +55,7 @@ class ConversionResult:
 def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outputs=None,
             calibration: str = "minmax", per_tensor: bool = False, target: str = "auto",
             exclude: Sequence[str] = (), image_spec=None, calib_limit: Optional[int] = None,
-            percentile: Optional[float] = None,
+            percentile: Optional[float] = None, max_layer_error: Optional[float] = 0.2,
             progress: Optional[Callable[[int, Optional[int]], None]] = None,
             debug: bool = False) -> ConversionResult:
     """Quantize ``graph`` (GraphDef or path) to int8, calibrating on ``calib``.
@@ -59,8 +64,10 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     input name), a folder of images (with ``image_spec``), or an iterable of
     arrays / feed dicts.  ``calibration``: minmax, kl, percentile or mse.
     ``target``: auto (this CPU), avx2 or vnni.  ``exclude``: node names or op
-    types to keep in fp32.  ``progress(done, total)`` is called during
-    calibration.
+    types to keep in fp32.  ``max_layer_error``: an int8 island whose own
+    relative L2 error on the calibration data exceeds it is kept in fp32 (the
+    report says so, with the measured error); None keeps everything int8.
+    ``progress(done, total)`` is called during calibration.
     """
     graph_def = as_graph_def(graph)
     ctx = make_context(graph_def, inputs, outputs, debug=debug)
@@ -74,7 +81,18 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
                               progress=progress, **extra)
     ctx.options.update(per_tensor=per_tensor, target=tgt, exclude=set(split_names(exclude)),
                        weight_max_level=target_mod.weight_max_level(tgt.name))
-    int8 = quantize_graph(fp32, ranges, ctx)
+    ctx.options.update(ranges=plan_ranges(fp32, ranges), shapes=tensor_shapes(fp32))
+    notes_before = list(ctx.notes)
+    islands = run_pipeline(fp32, ISLAND_PASSES, ctx)
+    errors = island_errors(fp32, islands, data)
+    too_coarse = [r for r in worst_first(errors)
+                  if max_layer_error is not None and errors[r].own > max_layer_error]
+    if too_coarse:
+        islands = _without(fp32, too_coarse, errors, ctx, notes_before, max_layer_error)
+    int8 = run_pipeline(islands, JOIN_PASSES, ctx)
+    for note in ctx.notes_of("int8"):
+        if note["node"] in errors:
+            note.update(errors[note["node"]].to_dict())
     info = {"graphquant": graphquant.__version__, "target": tgt.name,
             "target_description": tgt.description,
             "weight_max_level": ctx.options["weight_max_level"], "calibration": calibration,
@@ -92,6 +110,23 @@ def quantize_graph(fp32: graph_pb2.GraphDef, ranges, ctx,
     ``ctx.options`` may carry ``target``, ``per_tensor`` and ``exclude``."""
     ctx.options.update(ranges=plan_ranges(fp32, ranges), shapes=tensor_shapes(fp32))
     return run_pipeline(fp32, list(passes), ctx)
+
+
+def _without(fp32, roots, errors, ctx, notes_before, limit):
+    """The island graph again, with the islands ending at ``roots`` left in fp32."""
+    nodes = {}
+    for note in ctx.notes_of("int8"):
+        if note["node"] in roots:
+            nodes[note["node"]] = note.get("nodes", [note["node"]])
+    ctx.notes[:] = notes_before
+    for root in roots:
+        for name in nodes.get(root, [root]):
+            ctx.note("sensitivity", name, f"kept in fp32: int8 error {errors[root].own:.1%} of "
+                     f"its output on the calibration data, above the {limit:.0%} limit",
+                     kind="fp32")
+    ctx.options["exclude"] = set(ctx.options.get("exclude") or ()) | {
+        n for names in nodes.values() for n in names}
+    return run_pipeline(fp32, ISLAND_PASSES, ctx)
 
 
 def graph_info(graph_def: graph_pb2.GraphDef) -> dict:

@@ -63,10 +63,14 @@ class GraphRunner:
                      for k, v in feeds.items()}
         try:
             return self.session.run(self._fetch_tensors, feed_dict)
+        except (ValueError, TypeError) as exc:  # feed shape / dtype refused before running
+            raise GraphQuantError(f"cannot feed the graph: {_first_line(exc)}",
+                                  "check input shapes and dtypes against `graphquant inspect`"
+                                  ) from None
         except t.errors.OpError as exc:
-            node = getattr(exc.op, "name", None) if getattr(exc, "op", None) else None
+            node = getattr(getattr(exc, "op", None), "name", None)
             where = f" at node '{node}'" if node else ""
-            raise GraphQuantError(f"running the graph failed{where}: {_first_line(exc.message)}",
+            raise GraphQuantError(f"running the graph failed{where}: {_op_error_text(exc)}",
                                   "check input shapes and dtypes against `graphquant inspect`"
                                   ) from None
 
@@ -96,6 +100,15 @@ def tensor_shapes(graph_def: graph_pb2.GraphDef) -> Dict[str, Optional[List[Opti
             shape = op.outputs[0].shape
             shapes[op.name] = None if shape.rank is None else shape.as_list()
     return shapes
+
+
+def _op_error_text(exc) -> str:
+    """The informative line of a TensorFlow run error (not "Graph execution error:")."""
+    lines = [ln.strip() for ln in str(getattr(exc, "message", exc)).splitlines()]
+    useful = [ln for ln in lines if ln and not ln.startswith(("Graph execution error",
+                                                               "Detected at node", "Node:",
+                                                               "[[", "Traceback", "File "))]
+    return useful[0] if useful else (lines[0] if lines else type(exc).__name__)
 
 
 def _first_line(exc) -> str:

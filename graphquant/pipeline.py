@@ -33,20 +33,23 @@ CLEANUP_PIPELINE: List[str] = [
     "remove_unused_nodes",
 ]
 
-# int8 rewrite, after calibration (ranges in ctx.options['ranges']).  Each
-# quantize pass makes self-contained int8 islands; the passes after it join
-# them into chains and clean up.
-QUANTIZE_PIPELINE: List[str] = [
+# int8 rewrite, after calibration (ranges in ctx.options['ranges']).  The
+# quantize passes make self-contained int8 islands (QuantizeV2 -> op ->
+# Dequantize); the join passes connect them into chains and clean up.
+ISLAND_PASSES: List[str] = [
     "quantize_conv",
     "quantize_matmul",
     "quantize_pool",
     "quantize_concat",
     "quantize_pool",
+]
+JOIN_PASSES: List[str] = [
     "remove_dequantize_quantize_pairs",
     "merge_duplicate_quantize",
     "skip_requantize_for_fp32_readers",
     "remove_unused_nodes",
 ]
+QUANTIZE_PIPELINE: List[str] = ISLAND_PASSES + JOIN_PASSES
 
 
 @dataclass

@@ -183,3 +183,22 @@ def test_op_histogram_is_sorted_by_count_then_name():
         ("Split", 1)]
     g.node.add().CopyFrom(make_node("Relu", "r2", ["a"], T=np.float32))
     assert list(op_histogram(g))[0] == "Relu"
+
+
+def test_runner_errors_are_graphquant_errors():
+    """A wrong feed or a failing op gives one line naming the problem, not a TF traceback."""
+    import numpy as np
+    import pytest
+
+    from graphquant.errors import GraphQuantError
+    from graphquant.execute import run_graph
+    from graphquant.runtime import tf
+    from helpers import build_graph
+
+    t = tf()
+    gd, outs = build_graph(lambda x: t.reshape(x, [3, -1], name="r"), x=[None])
+    with pytest.raises(GraphQuantError, match="cannot feed"):
+        run_graph(gd, {"x:0": np.zeros([2, 2], np.float32)}, outs)
+    with pytest.raises(GraphQuantError, match="at node 'r'.*reshape|Input to reshape") as err:
+        run_graph(gd, {"x:0": np.zeros([4], np.float32)}, outs)
+    assert "Graph execution error" not in str(err.value)
