@@ -2,6 +2,7 @@
 
     python tools/compare_op_families.py                     # all settings, conv + matmul
     python tools/compare_op_families.py --settings=1,unset --rounds=9 --json_out=f.json
+    python tools/compare_op_families.py --from_json=f.json   # the report again
 
 Two workloads, each built three ways from the same weights and ranges:
 
@@ -9,8 +10,9 @@ Two workloads, each built three ways from the same weights and ranges:
 * ``matmul``: four chained 1024x1024 matmuls (+bias, +Relu), 128 rows
   (per-tensor weights: the legacy matmul has no per-channel kernel);
 * ``depthwise``: four chained 3x3 depthwise convs, batch 8, 56x56x128;
-* single ops (``quantize``, ``dequantize``, ``maxpool``, ``avgpool``,
-  ``concat``): the fp32 op against its int8 counterpart (one family only);
+* single ops (``dequantize``, ``maxpool``, ``avgpool``, ``concat``): the fp32
+  op against QuantizeV2 + its int8 counterpart + Dequantize (one family only;
+  small, so mostly useful to see which ops run where);
 
 as ``fp32`` (Conv2D/MatMul + BiasAdd + Relu), ``attr`` (QuantizeV2,
 ``_FusedQuantizedConv2D`` / ``_QuantizedMatMul`` with fused Requantize,
@@ -24,8 +26,10 @@ from a min-max calibration on the measured input itself.
 (``1``, ``0``, ``unset`` = TensorFlow's default, what a fresh ``python`` gets)
 runs in its own child process.  Inside a child the graphs of a workload are
 timed in interleaved rounds (fp32, attr, legacy, fp32, ...; ``--iters`` runs
-per round, after ``--warmup`` runs) and the median round is reported.  Numbers
-from different children are not interleaved: compare them with care.
+per round, after ``--warmup`` runs) and the median round is reported, with
+the speed-up against the fp32 graph of the same child ("vs own fp32", the
+reliable ratio) and against fp32 with oneDNN on ("vs fp32(=1)", across
+children: not interleaved, compare with care on a busy machine).
 Correctness is the relative L2 error and max abs error of each graph's output
 against the fp32 graph of the same child.  A graph that cannot run in a
 setting (the legacy family without oneDNN) is reported with its error.
@@ -48,8 +52,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("settings", ["1", "0", "unset"],
                   "TF_ENABLE_ONEDNN_OPTS values to measure (unset = TensorFlow's default)")
 flags.DEFINE_list("workloads", ["conv", "matmul", "depthwise"],
-                  "conv, matmul, depthwise, and single ops: quantize, dequantize, maxpool, "
-                  "avgpool, concat")
+                  "conv, matmul, depthwise, and single ops: dequantize (= QuantizeV2 + "
+                  "Dequantize), maxpool, avgpool, concat")
 flags.DEFINE_integer("rounds", 7, "interleaved timing rounds")
 flags.DEFINE_integer("iters", 5, "runs per round")
 flags.DEFINE_integer("warmup", 3, "untimed runs per graph first")
@@ -57,6 +61,7 @@ flags.DEFINE_integer("threads", 0, "intra-op threads (0 = TensorFlow's default)"
 flags.DEFINE_integer("batch", 8, "conv batch size")
 flags.DEFINE_integer("rows", 128, "matmul rows")
 flags.DEFINE_string("json_out", "", "also write all results as JSON here")
+flags.DEFINE_string("from_json", "", "print the report of an earlier --json_out file")
 flags.DEFINE_string("worker", "", "internal: run one setting in this process")
 flags.DEFINE_string("worker_out", "", "internal: where the worker writes its JSON")
 
@@ -161,7 +166,7 @@ def _graphs(workload, rng):
     return graphs, x
 
 
-SINGLE_OPS = ("quantize", "dequantize", "maxpool", "avgpool", "concat")
+SINGLE_OPS = ("dequantize", "maxpool", "avgpool", "concat")
 
 
 def _single_op_graphs(workload, rng):
@@ -179,11 +184,7 @@ def _single_op_graphs(workload, rng):
             make_const("zero", np.float32(0.0)), make_const("one", np.float32(1.0)),
             make_const("axis", np.int32(3))]
     pool = dict(ksize=[1, 3, 3, 1], strides=[1, 2, 2, 1], padding="SAME")
-    if workload == "quantize":  # fp32 side: the cheapest elementwise op of the same size
-        fp32 = [make_node("Relu", "out", ["x"], T=float_t)]
-        int8 = [ops.quantize_v2("q", "x", "zero", "one", False),
-                make_node("Identity", "out", ["q:0"], T=ops.dtype("quint8"))]
-    elif workload == "dequantize":
+    if workload == "dequantize":  # fp32 side: the cheapest elementwise op of the same size
         fp32 = [make_node("Relu", "out", ["x"], T=float_t)]
         int8 = [ops.quantize_v2("q", "x", "zero", "one", False),
                 ops.dequantize("out", "q:0", "q:1", "q:2", False)]
@@ -300,8 +301,6 @@ def _run_setting(setting):
 
 def _describe(workload):
     size = f"{FLAGS.batch}x56x56x64"
-    if workload == "quantize":
-        return f"QuantizeV2 vs an fp32 Relu, {size}"
     if workload == "dequantize":
         return f"QuantizeV2 + Dequantize vs an fp32 Relu, {size}"
     if workload in SINGLE_OPS:
@@ -319,7 +318,8 @@ def _report(results):
         lines.append(f"\n{workload}: {_describe(workload)} "
                      f"(median of {FLAGS.rounds} interleaved rounds x {FLAGS.iters} runs)")
         lines.append(f"  {'TF_ENABLE_ONEDNN_OPTS':>22} {'graph':>7} {'median ms':>10} "
-                     f"{'vs fp32(=1)':>11} {'rel L2 vs fp32':>15} {'max abs':>9}")
+                     f"{'vs own fp32':>11} {'vs fp32(=1)':>11} {'rel L2 vs fp32':>15} "
+                     f"{'max abs':>9}")
         base = None
         for res in results:
             if res.get("setting") == "1" and "workloads" in res:
@@ -329,6 +329,7 @@ def _report(results):
             if "error" in res:
                 lines.append(f"  {setting:>22}   child failed: {res['error']}")
                 continue
+            own = res["workloads"][workload].get("fp32", {}).get("median_ms")
             for variant in VARIANTS:
                 row = res["workloads"][workload].get(variant)
                 if row is None:
@@ -337,8 +338,10 @@ def _report(results):
                     lines.append(f"  {setting:>22} {variant:>7}   fails: {row['error']}")
                     continue
                 speed = f"{base / row['median_ms']:.2f}x" if base else "-"
-                lines.append(f"  {setting:>22} {variant:>7} {row['median_ms']:10.2f} {speed:>11} "
-                             f"{row['rel_l2_vs_fp32']:15.5f} {row['max_abs_vs_fp32']:9.4f}")
+                mine = f"{own / row['median_ms']:.2f}x" if own else "-"
+                lines.append(f"  {setting:>22} {variant:>7} {row['median_ms']:10.2f} {mine:>11} "
+                             f"{speed:>11} {row['rel_l2_vs_fp32']:15.5f} "
+                             f"{row['max_abs_vs_fp32']:9.4f}")
     return "\n".join(lines)
 
 
@@ -348,6 +351,13 @@ def main(argv):
         result = _worker(FLAGS.worker)
         with open(FLAGS.worker_out, "w") as f:
             json.dump(result, f)
+        return 0
+    if FLAGS.from_json:
+        with open(FLAGS.from_json) as f:
+            saved = json.load(f)
+        for key in ("workloads", "rounds", "iters", "batch", "rows"):
+            FLAGS[key].value = saved["flags"][key]
+        print(_report(saved["results"]))
         return 0
     print("Each TF_ENABLE_ONEDNN_OPTS setting runs in its own child process (TensorFlow reads "
           "the variable once, at import); 'unset' is what a fresh python gets.", flush=True)
