@@ -324,7 +324,7 @@ def legacy_quantized_matmul(op: str, name: str, a: str, b: str, bias: str, min_a
                      input_quant_mode="SCALED")
 
 
-# --------------------------------------------------------------------------- pools, concat, requantize
+# --------------------------------------------------------------------------- pools, concat
 def quantized_max_pool(name: str, input: str, min_input: str, max_input: str, *, t: str,
                        ksize: Sequence[int], strides: Sequence[int], padding: str
                        ) -> node_def_pb2.NodeDef:
