@@ -55,7 +55,7 @@ import numpy as np
 from tensorflow.core.framework import graph_pb2
 
 from graphquant.errors import CalibrationDataError, GraphQuantError, NodeNotFoundError
-from graphquant.execute import GraphRunner
+from graphquant.execute import GraphRunner, import_graph
 from graphquant.graph import GraphIndex, canonical_tensor, node_name, suggest_names
 from graphquant.runtime import tf
 
@@ -343,10 +343,9 @@ def _add_reductions(graph_def: graph_pb2.GraphDef, fetches: Sequence[str], histo
     (graph_def, reductions, tensors to fetch whole).
     """
     t = tf()
-    graph = t.Graph()
+    graph = import_graph(graph_def)       # a copy: the caller's GraphDef stays as it is
     reduced, raw = [], []
     with graph.as_default():
-        t.graph_util.import_graph_def(graph_def, name="")
         min_exp = int(math.log2(_TINY))
         bins_exp = int(math.log2(HIST_BINS))
         for k, name in enumerate(fetches):
