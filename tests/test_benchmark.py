@@ -79,9 +79,11 @@ def test_real_inputs_from_npy(tiny, tmp_path):
 
 def test_onednn_off_child_process(tiny):
     result = benchmark.benchmark(tiny["fixed"], tiny["fixed"], threads=[2], onednn_off=True,
-                                 child_flags=["--warmup=1", "--rounds=2", "--runs=1"], **FAST)
+                                 **FAST)
     variants = [r["variant"] for r in result["results"]]
     assert variants == ["fp32", "int8", "fp32 (oneDNN off)"]
+    assert result["config"]["interleaved"] == variants
+    assert all(len(r["rounds_ms"]) == FAST["rounds"] for r in result["results"])
     speed = result["speedups"][0]
     assert {"int8_vs_fp32", "fp32_onednn_on_vs_off", "int8_vs_fp32_onednn_off"} <= set(speed)
 

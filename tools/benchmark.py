@@ -14,11 +14,14 @@ median`` of rounds measured side by side.
 
 The fp32 baseline is measured with oneDNN on (``TF_ENABLE_ONEDNN_OPTS=1``,
 which graphquant sets before TensorFlow loads; on AMD CPUs TensorFlow's own
-default is off).  ``--onednn_off`` adds the fp32 graph with oneDNN off, timed
-in a child process started with ``TF_ENABLE_ONEDNN_OPTS=0`` (the setting is
-read once, when TensorFlow loads), labelled ``fp32 (oneDNN off)``; it is not
-interleaved with the others, so compare it with some care.  The int8 graph is
-never run with oneDNN off: the legacy fused int8 kernels need it.
+default is off).  ``--onednn_off`` adds the fp32 graph with oneDNN off,
+labelled ``fp32 (oneDNN off)``.  The setting is read once, when TensorFlow
+loads, so that graph runs in a child process started with
+``TF_ENABLE_ONEDNN_OPTS=0``; the child loads and warms up its graph, then
+times one round whenever this process asks, so its rounds are interleaved
+with the others (fp32, int8, fp32 oneDNN off, fp32, ...) and never overlap
+them.  The int8 graph is never run with oneDNN off: the legacy fused int8
+kernels need it.
 
 Inputs (``--data``): ``random`` (standard normal, seeded; default), a
 ``.npy``/``.npz`` file or an image folder with the graph's preprocessing spec
@@ -33,7 +36,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -115,18 +117,104 @@ def time_round(runner, feeds, runs: int) -> float:
     return (time.perf_counter() - start) * 1000.0 / runs
 
 
+class OneDnnOffChild:
+    """The fp32 graph in a child process with TF_ENABLE_ONEDNN_OPTS=0, timing rounds on request.
+
+    Protocol on the child's stdin/stdout, one line each: the child prints
+    ``GQ ready <onednn 0|1>`` once warmed up, then answers each ``round``
+    with ``GQ ms <latency>``; ``quit`` (or end of input) ends it.
+    """
+
+    def __init__(self, fp32: str, batch: int, threads: int, warmup: int, runs: int,
+                 child_flags: Sequence[str] = ()):
+        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")
+        cmd = [sys.executable, os.path.abspath(__file__), fp32, "--serve",
+               f"--batch_sizes={batch}", f"--threads={threads}", f"--warmup={warmup}",
+               f"--runs={runs}"] + list(child_flags)
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        words = self._answer()
+        if words[:1] != ["ready"]:
+            self.close()
+            raise GraphQuantError(f"the oneDNN-off child did not start (said {words})",
+                                  "run it alone: TF_ENABLE_ONEDNN_OPTS=0 python "
+                                  f"tools/benchmark.py {fp32}")
+        if words[1:] != ["0"]:
+            self.close()
+            raise GraphQuantError("the oneDNN-off child still had oneDNN on",
+                                  "check that nothing forces TF_ENABLE_ONEDNN_OPTS=1")
+
+    def _answer(self) -> List[str]:
+        for line in self.proc.stdout:
+            if line.startswith("GQ "):
+                return line.split()[1:]
+        raise GraphQuantError("the oneDNN-off child process ended early (see its errors above)",
+                              "run it alone: TF_ENABLE_ONEDNN_OPTS=0 python tools/benchmark.py "
+                              "FP32.pb")
+
+    def round(self) -> float:
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        return float(self._answer()[1])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def serve(fp32: str, batch: int, threads: int, data: str, image_spec: Optional[str],
+          warmup: int, runs: int, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """The child's side of :class:`OneDnnOffChild`."""
+    from graphquant.execute import GraphRunner
+    from graphquant.runtime import onednn_enabled
+
+    graph_def = load_graph_def(fp32)
+    ins, outs, meta = common.graph_interface(fp32, graph_def, inputs, outputs)
+    if image_spec is None and data != "random" and meta:
+        image_spec = (meta.get("preprocessing") or {}).get("image_spec")
+    feeds = make_feeds(input_specs(graph_def, ins), batch, data, image_spec, graph_def)
+    with GraphRunner(graph_def, outs, threads=threads) as runner:
+        for _ in range(warmup):
+            runner(feeds)
+        print(f"GQ ready {int(onednn_enabled())}", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "round":
+                break
+            print(f"GQ ms {time_round(runner, feeds, runs)!r}", flush=True)
+
+
 def benchmark_pair(graphs: Dict[str, object], outputs: Sequence[str], inputs: Sequence[str],
                    batch: int, threads: int, data: str, image_spec: Optional[str],
-                   warmup: int, rounds: int, runs: int, progress: bool = True) -> List[Dict]:
-    """Interleaved timing of the graphs (variant name -> GraphDef) at one batch and thread count."""
+                   warmup: int, rounds: int, runs: int, progress: bool = True,
+                   off_child: Optional[Dict] = None) -> List[Dict]:
+    """Interleaved timing of the graphs (variant name -> GraphDef) at one batch and thread count.
+
+    ``off_child``: keyword arguments for :class:`OneDnnOffChild` (``fp32``,
+    ``child_flags``) to interleave the fp32 graph with oneDNN off as well.
+    """
     from graphquant.execute import GraphRunner
 
     first = next(iter(graphs.values()))
     feeds = make_feeds(input_specs(first, inputs), batch, data, image_spec, first)
-    runners = {name: GraphRunner(g, outputs, threads=threads) for name, g in graphs.items()}
     times: Dict[str, List[float]] = {name: [] for name in graphs}
     label = f"batch {batch}, {threads} thread{'s' if threads != 1 else ''}"
+    runners, child = {}, None
     try:
+        if off_child is not None:
+            if progress:
+                sys.stderr.write(f"{label}: starting the oneDNN-off child process\n")
+            child = OneDnnOffChild(batch=batch, threads=threads, warmup=warmup, runs=runs,
+                                   **off_child)
+            times[FP32_OFF] = []
+        runners = {name: GraphRunner(g, outputs, threads=threads) for name, g in graphs.items()}
         bar = common.Progress(warmup * len(runners), f"{label}: warm-up", progress)
         for runner in runners.values():
             for _ in range(warmup):
@@ -136,44 +224,16 @@ def benchmark_pair(graphs: Dict[str, object], outputs: Sequence[str], inputs: Se
         for _ in range(rounds):
             for name, runner in runners.items():
                 times[name].append(time_round(runner, feeds, runs))
+            if child is not None:
+                times[FP32_OFF].append(child.round())
             bar.step()
     finally:
         for runner in runners.values():
             runner.close()
+        if child is not None:
+            child.close()
     return [dict(variant=name, batch=batch, threads=threads, **summarize(t, batch))
             for name, t in times.items()]
-
-
-def _onednn_off_child(fp32: str, batches: Sequence[int], threads: Sequence[int],
-                      argv_flags: List[str], progress: bool) -> List[Dict]:
-    """The fp32 graph timed in a child process with TF_ENABLE_ONEDNN_OPTS=0."""
-    import json
-
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        cmd = [sys.executable, os.path.abspath(__file__), fp32, "--json_out", path,
-               "--batch_sizes", ",".join(map(str, batches)),
-               "--threads", ",".join(map(str, threads)), "--nouse_int8"] + argv_flags
-        if not progress:
-            cmd.append("--quiet")
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
-        if proc.returncode != 0:
-            raise GraphQuantError("the oneDNN-off child benchmark failed (see its output above)",
-                                  "run it alone: TF_ENABLE_ONEDNN_OPTS=0 python tools/benchmark.py "
-                                  + fp32)
-        with open(path) as f:
-            child = json.load(f)
-    finally:
-        os.unlink(path)
-    if child["environment"]["onednn"]:
-        raise GraphQuantError("the child process still had oneDNN on",
-                              "check that nothing sets TF_ENABLE_ONEDNN_OPTS=1 for children")
-    rows = []
-    for row in child["results"]:
-        rows.append(dict(row, variant=FP32_OFF))
-    return rows
 
 
 def speedups(rows: List[Dict]) -> List[Dict]:
@@ -197,7 +257,7 @@ def benchmark(fp32: str, int8: Optional[str] = None, batch_sizes: Sequence[int] 
               threads: Sequence[int] = (2,), data: str = "random", image_spec: Optional[str] = None,
               warmup: int = 3, rounds: int = 10, runs: int = 3, onednn_off: bool = False,
               inputs: Sequence[str] = (), outputs: Sequence[str] = (),
-              progress: bool = True, child_flags: Optional[List[str]] = None) -> Dict:
+              progress: bool = True) -> Dict:
     """Time the graphs; return the dict ``--json_out`` writes."""
     from graphquant.runtime import onednn_enabled
 
@@ -224,19 +284,24 @@ def benchmark(fp32: str, int8: Optional[str] = None, batch_sizes: Sequence[int] 
     if label != FP32:
         graphs = {FP32: fp32_def}  # a child (or a user) with oneDNN off: fp32 only
         notes.append("oneDNN is off in this process (TF_ENABLE_ONEDNN_OPTS != 1)")
+    off_child = None
+    if onednn_off and onednn_enabled():
+        child_flags = [f"--data={data}", "--inputs=" + ",".join(ins),
+                       "--outputs=" + ",".join(outs)]
+        if image_spec:
+            child_flags.append(f"--image_spec={image_spec}")
+        off_child = {"fp32": fp32, "child_flags": child_flags}
     rows = []
     for batch in batches:
         for n_threads in threads:
             rows += benchmark_pair(graphs, outs, ins, batch, n_threads, data, image_spec,
-                                   warmup, rounds, runs, progress)
-    if onednn_off and onednn_enabled():
-        rows += _onednn_off_child(fp32, batches, threads, child_flags or [], progress)
+                                   warmup, rounds, runs, progress, off_child)
     return {
         "graphs": {FP32: os.path.abspath(fp32), INT8: os.path.abspath(int8) if int8 else None},
         "inputs": ins, "outputs": outs,
         "config": {"batch_sizes": batches, "threads": list(threads), "data": data,
                    "warmup": warmup, "rounds": rounds, "runs_per_round": runs,
-                   "interleaved": list(graphs)},
+                   "interleaved": list(graphs) + ([FP32_OFF] if off_child else [])},
         "environment": common.environment(),
         "results": rows,
         "speedups": speedups(rows),
@@ -283,15 +348,14 @@ def main(argv):
     batches = [parse_batch(b) for b in f.batch_sizes]
     if any(b is None for b in batches):
         raise GraphQuantError("--batch_sizes takes integers", "e.g. --batch_sizes=1,16")
-    int8 = argv[2] if len(argv) == 3 and f.use_int8 else None
-    child_flags = [f"--data={f.data}", f"--warmup={f.warmup}", f"--rounds={f.rounds}",
-                   f"--runs={f.runs}"]
-    for name in ("image_spec", "inputs", "outputs"):
-        if getattr(f, name):
-            child_flags.append(f"--{name}={getattr(f, name)}")
+    inputs, outputs = common.split_names(f.inputs), common.split_names(f.outputs)
+    if f.serve:  # the oneDNN-off child of another benchmark.py
+        serve(argv[1], batches[0], int(f.threads[0]), f.data, f.image_spec, f.warmup, f.runs,
+              inputs, outputs)
+        return
+    int8 = argv[2] if len(argv) == 3 else None
     result = benchmark(argv[1], int8, batches, [int(t) for t in f.threads], f.data, f.image_spec,
-                       f.warmup, f.rounds, f.runs, f.onednn_off, common.split_names(f.inputs),
-                       common.split_names(f.outputs), not f.quiet, child_flags)
+                       f.warmup, f.rounds, f.runs, f.onednn_off, inputs, outputs, not f.quiet)
     print(format_table(result))
     if f.json_out:
         common.write_json(f.json_out, result)
@@ -310,7 +374,7 @@ def define_flags():
     flags.DEFINE_integer("rounds", 10, "interleaved timed rounds")
     flags.DEFINE_integer("runs", 3, "runs per round (their mean is the round's latency)")
     flags.DEFINE_bool("onednn_off", False, "also time fp32 with oneDNN off (child process)")
-    flags.DEFINE_bool("use_int8", True, "time the int8 graph when given (--nouse_int8: fp32 only)")
+    flags.DEFINE_bool("serve", False, "internal: be the oneDNN-off child (rounds on request)")
     flags.DEFINE_string("inputs", None, "input names (default: sidecar json or Placeholders)")
     flags.DEFINE_string("outputs", None, "output tensor names (default: sidecar json or sinks)")
     flags.DEFINE_string("json_out", None, "write the results as JSON here")
