@@ -38,10 +38,10 @@ from graphquant.calibrate import calibrate
 from graphquant.execute import tensor_shapes
 from graphquant.graph import const_value, make_const
 from graphquant.pipeline import (CLEANUP_PIPELINE, ISLAND_PASSES, JOIN_PASSES, QUANTIZE_PIPELINE,
-                                 run_pipeline)
+                                 PassContext, run_pipeline)
 from graphquant.ranges import calibration_tensors, plan_ranges
 from graphquant.report import ConversionReport
-from graphquant.sensitivity import island_errors, worst_first
+from graphquant.sensitivity import island_errors
 
 INFO_NODE = "graphquant_info"
 
@@ -82,13 +82,10 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     ctx.options.update(per_tensor=per_tensor, target=tgt, exclude=set(split_names(exclude)),
                        weight_max_level=target_mod.weight_max_level(tgt.name))
     ctx.options.update(ranges=plan_ranges(fp32, ranges), shapes=tensor_shapes(fp32))
-    notes_before = list(ctx.notes)
+    errors, probe_notes = _measure_islands(fp32, ctx, data)
+    if max_layer_error is not None:
+        _keep_coarse_islands_fp32(errors, probe_notes, ctx, max_layer_error)
     islands = run_pipeline(fp32, ISLAND_PASSES, ctx)
-    errors = island_errors(fp32, islands, data)
-    too_coarse = [r for r in worst_first(errors)
-                  if max_layer_error is not None and errors[r].own > max_layer_error]
-    if too_coarse:
-        islands = _without(fp32, too_coarse, errors, ctx, notes_before, max_layer_error)
     int8 = run_pipeline(islands, JOIN_PASSES, ctx)
     for note in ctx.notes_of("int8"):
         if note["node"] in errors:
@@ -112,21 +109,32 @@ def quantize_graph(fp32: graph_pb2.GraphDef, ranges, ctx,
     return run_pipeline(fp32, list(passes), ctx)
 
 
-def _without(fp32, roots, errors, ctx, notes_before, limit):
-    """The island graph again, with the islands ending at ``roots`` left in fp32."""
-    nodes = {}
-    for note in ctx.notes_of("int8"):
-        if note["node"] in roots:
-            nodes[note["node"]] = note.get("nodes", [note["node"]])
-    ctx.notes[:] = notes_before
-    for root in roots:
-        for name in nodes.get(root, [root]):
+def _measure_islands(fp32, ctx, data):
+    """Own/accumulated error of every island, measured on a probe graph.
+
+    The probe leaves residual Adds in fp32: the Sum fusion writes into its
+    summand's buffer, which the shadow graph (whose islands all read fp32
+    tensors) cannot guarantee is free -- it crashed TensorFlow there.
+    """
+    probe_ctx = PassContext(inputs=ctx.inputs, outputs=ctx.outputs,
+                            options=dict(ctx.options, fuse_residual=False))
+    probe = run_pipeline(fp32, ISLAND_PASSES, probe_ctx)
+    return island_errors(fp32, probe, data), probe_ctx.notes_of("int8")
+
+
+def _keep_coarse_islands_fp32(errors, probe_notes, ctx, limit):
+    """Exclude (and report) the nodes of islands whose own error exceeds ``limit``."""
+    excluded = set(ctx.options.get("exclude") or ())
+    for note in probe_notes:
+        root = note["node"]
+        if root not in errors or errors[root].own <= limit:
+            continue
+        for name in note.get("nodes", [root]):
+            excluded.add(name)
             ctx.note("sensitivity", name, f"kept in fp32: int8 error {errors[root].own:.1%} of "
                      f"its output on the calibration data, above the {limit:.0%} limit",
                      kind="fp32")
-    ctx.options["exclude"] = set(ctx.options.get("exclude") or ()) | {
-        n for names in nodes.values() for n in names}
-    return run_pipeline(fp32, ISLAND_PASSES, ctx)
+    ctx.options["exclude"] = excluded
 
 
 def graph_info(graph_def: graph_pb2.GraphDef) -> dict:

@@ -37,7 +37,7 @@ class GraphRunner:
     """A loaded graph and session; call it with feeds to get the fetched arrays."""
 
     def __init__(self, graph_def: graph_pb2.GraphDef, fetches: Sequence[str],
-                 threads: Optional[int] = None, fuse_fp32_ops: bool = True):
+                 threads: Optional[int] = None, grappler: bool = True):
         t = tf()
         self.fetches = [canonical_tensor(f) for f in fetches]
         try:
@@ -54,13 +54,13 @@ class GraphRunner:
         if threads:
             config.intra_op_parallelism_threads = threads
             config.inter_op_parallelism_threads = 1
-        if not fuse_fp32_ops:
-            # Grappler's remapper fuses fp32 Conv+BiasAdd+Add(+Relu) and the fused
-            # kernel writes into the Add's other input; a graph that gives that
-            # input an extra reader (sensitivity's shadow graph) then crashes.
-            from tensorflow.core.protobuf import rewriter_config_pb2
-
-            config.graph_options.rewrite_options.remapping = rewriter_config_pb2.RewriterConfig.OFF
+        if not grappler:
+            # Run the graph as written.  Grappler merges identical nodes (two
+            # QuantizeV2 of one tensor) and fuses fp32 Conv+BiasAdd+Add; both can
+            # hand a buffer that a fused kernel writes in place to a reader that
+            # has not run yet -- fine in a converted graph, a crash in
+            # sensitivity's shadow graph, whose islands read fp32 tensors.
+            config.graph_options.rewrite_options.disable_meta_optimizer = True
         self.session = t.compat.v1.Session(graph=self.graph, config=config)
         self._fetch_tensors = [self.graph.get_tensor_by_name(f) for f in self.fetches]
 

@@ -72,10 +72,11 @@ def island_errors(fp32: graph_pb2.GraphDef, islands: graph_pb2.GraphDef,
     merged, roots = shadow_graph(fp32, islands)
     if not roots:
         return {}
-    # fp32 fusions off: the shadow islands read fp32 tensors that a fused fp32
-    # Conv+Add would overwrite in place (a crash, seen on ResNet50)
+    # Grappler off: it would merge a shadow island's summand QuantizeV2 with
+    # another island's identical one, and the Sum conv would overwrite it in
+    # place before that reader ran (intermittent segfaults, ResNet50 and tests)
     own = GraphRunner(merged, [canonical_tensor(r) for r in roots]
-                      + [canonical_tensor(PREFIX + r) for r in roots], fuse_fp32_ops=False)
+                      + [canonical_tensor(PREFIX + r) for r in roots], grappler=False)
     acc = GraphRunner(islands, [canonical_tensor(r) for r in roots])
     n = len(roots)
     sums = np.zeros((3, n))  # ||fp32||^2, ||own diff||^2, ||acc diff||^2

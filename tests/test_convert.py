@@ -84,3 +84,54 @@ def test_bad_calibration_data_fails_before_any_work():
     bad[2, 5, 5, 0] = np.nan
     with pytest.raises(CalibrationDataError, match="NaN"):
         convert(MODEL, list(bad))
+
+
+def test_every_emitted_op_runs_in_a_fresh_default_python(tmp_path):
+    """Conv+Sum, depthwise, matmul, both pools, concat, int32 outputs: no oneDNN setting needed."""
+    from graphquant.runtime import tf
+    from helpers import build_graph
+
+    t = tf()
+    rng = np.random.default_rng(0)
+    c = lambda *shape: t.constant(rng.normal(0, 0.3, shape).astype(np.float32))
+
+    def body(x):
+        a = t.nn.relu(t.nn.conv2d(x, c(3, 3, 4, 8), 1, "SAME"))
+        h = t.nn.relu(t.nn.conv2d(a, c(3, 3, 8, 8), 1, "SAME"))
+        b = t.nn.relu(t.add(t.nn.conv2d(h, c(3, 3, 8, 8), 1, "SAME"), a))      # Sum fusion
+        d = t.nn.relu(t.nn.depthwise_conv2d(b, c(3, 3, 8, 1), [1, 1, 1, 1], "SAME"))
+        p = t.nn.max_pool2d(d, 2, 2, "VALID")
+        q = t.nn.avg_pool2d(t.nn.relu(t.nn.conv2d(d, c(1, 1, 8, 8), 1, "SAME")), 2, 2, "VALID")
+        cat = t.concat([p, q], axis=3)
+        flat = t.reshape(t.nn.relu(t.nn.conv2d(cat, c(1, 1, 16, 4), 1, "SAME")), [2, -1])
+        return t.nn.softmax(t.nn.bias_add(t.linalg.matmul(flat, c(64, 5)), c(5)), name="out")
+
+    gd, outs = build_graph(body, x=[2, 8, 8, 4])
+    x = rng.uniform(0, 1, [6, 2, 8, 8, 4]).astype(np.float32)
+    result = convert(gd, list(x), outputs=outs, target="avx2")
+    ops = {n.op for n in result.graph_def.node}
+    assert {"_FusedQuantizedConv2D", "_FusedQuantizedDepthwiseConv2D", "_QuantizedMatMul",
+            "QuantizedMaxPool", "QuantizedAvgPool", "ConcatV2"} <= ops
+    assert not ops & {"Conv2D", "MatMul", "DepthwiseConv2dNative", "MaxPool", "AvgPool"}
+    sums = [n for n in result.graph_def.node if b"Sum" in list(n.attr["fused_ops"].list.s)]
+    assert len(sums) == 1
+    path = tmp_path / "all.pb"
+    save_graph_def(result.graph_def, str(path))
+    np.save(tmp_path / "x.npy", x[0])
+    code = (
+        "import numpy as np, tensorflow as tf\n"
+        f"gd = tf.compat.v1.GraphDef(); gd.ParseFromString(open({str(path)!r}, 'rb').read())\n"
+        "g = tf.Graph()\n"
+        "with g.as_default(): tf.graph_util.import_graph_def(gd, name='')\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        "print(tf.compat.v1.Session(graph=g).run('out:0', {'x:0': x}).tolist())\n")
+    expect = GraphRunner(result.graph_def, ["out:0"])({"x:0": x[0]})[0]
+    for setting in (None, "0"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TF_ENABLE_ONEDNN")}
+        if setting is not None:
+            env["TF_ENABLE_ONEDNN_OPTS"] = setting
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = np.array(json.loads(r.stdout.strip().splitlines()[-1]))
+        np.testing.assert_allclose(got, expect, atol=0.02)  # AvgPool rounds 1 step differently

@@ -29,10 +29,11 @@ def test_inception_like_block_is_int8_end_to_end():
     gd, outs = build_graph(body, x=[1, 6, 6, 4])
     x = RNG.uniform(0, 1, [1, 6, 6, 4]).astype(np.float32)
     int8, ctx, ranges = quantize_tiny(gd, outs, {"x:0": x}, PASSES)
-    assert ops(int8).count("QuantizedConcatV2") == 1
+    assert ops(int8).count("ConcatV2") == 1
     assert ops(int8).count("QuantizeV2") == 1 and ops(int8).count("Dequantize") == 1
     index = GraphIndex(int8)
-    cat = [n for n in int8.node if n.op == "QuantizedConcatV2"][0]
+    cat = [n for n in int8.node if n.op == "ConcatV2"][0]
+    assert cat.attr["T"].type == tf().quint8.as_datatype_enum
     producers = {index.node(v).op for v in data_inputs(cat)[:3]}
     assert producers == {"_FusedQuantizedConv2D", "QuantizedMaxPool"}
     # one range for all inputs and the output of the concat

@@ -1,4 +1,4 @@
-"""quantize_concat: ConcatV2 of int8 tensors -> QuantizedConcatV2 with one shared range.
+"""quantize_concat: ConcatV2 of int8 tensors -> ConcatV2 on the integers, one shared range.
 
 Before::
 
@@ -9,22 +9,24 @@ Before::
 After::
 
     a ─► QuantizeV2 ─┐
-    b ─► QuantizeV2 ─┼─► QuantizedConcatV2(axis) ─► Dequantize (named y)
+    b ─► QuantizeV2 ─┼─► ConcatV2(axis) on quint8/qint8 ─► Dequantize (named y)
     c ─► QuantizeV2 ─┘
 
 The planned ranges give every input and the output one range (the union,
 :mod:`graphquant.ranges`; a concat whose inputs' ranges differ too much gets
 none and stays fp32), so each producer requantizes straight into it, the
 QuantizeV2s disappear in ``remove_dequantize_quantize_pairs`` and the concat
-copies integers.  Rewritten only when at least half of the inputs come from
-int8 ops (each fp32 input costs a QuantizeV2); the axis must be a Const.
+copies integers.  A plain ConcatV2 does that for quantized types with default
+TensorFlow settings; QuantizedConcatV2 would need oneDNN switched on.
+Rewritten only when at least half of the inputs come from int8 ops (each fp32
+input costs a QuantizeV2); the axis must be a Const.
 """
 
 from __future__ import annotations
 
 from graphquant import quant_math
 from graphquant.graph import const_value, data_inputs
-from graphquant.int8_ops import quantized_concat
+from graphquant.int8_ops import concat_same_range
 from graphquant.int8_rewrite import Island, excluded, planned_range
 from graphquant.pattern import OpTypePattern, Replacement, rewrite
 from graphquant.pipeline import register_pass
@@ -62,9 +64,8 @@ def _quantize(match, rctx, ctx):
     # every input is quantized with the output's (shared) range and signedness
     qs = [isl.quantize(f"input_{i}", v, out_rng) for i, v in enumerate(values)]
     axis_const = isl.const("axis", int(const_value(axis_node)), dtype="int32")
-    op = quantized_concat(isl.name("int8"), [q.data for q in qs], axis_const,
-                          [q.min for q in qs], [q.max for q in qs],
-                          t="qint8" if signed else "quint8")
+    op = concat_same_range(isl.name("int8"), [q.data for q in qs], axis_const,
+                           t="qint8" if signed else "quint8")
     isl.nodes.append(op)
     lo, hi = quant_math.activation_range(out_rng[0], out_rng[1], signed)
     min_out, max_out = isl.const("min_output", lo), isl.const("max_output", hi)

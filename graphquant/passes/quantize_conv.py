@@ -23,6 +23,8 @@ After (one island; ``remove_dequantize_quantize_pairs`` later joins islands)::
   and writes its output into the summand's buffer, so every other reader of
   the summand must run before the conv (be one of its ancestors); otherwise
   the Add stays fp32 and the conv is quantized without it.
+* ``ctx.options['fuse_residual'] = False`` leaves residual Adds to fp32
+  (sensitivity measurements use it: see :mod:`graphquant.sensitivity`).
 * NCHW convs, grouped convs, non-constant weights and tensors without a
   calibrated range stay fp32, each with a line in the report.
 """
@@ -115,6 +117,8 @@ def _quantize(match, rctx, ctx):
         return _fp32(ctx, match, "no calibrated range for its input or output")
     act = match["act"].op if "act" in match else None
     residual = "add" in match
+    if residual and not ctx.options.get("fuse_residual", True):
+        return None
     if residual:
         s_range = planned_range(ctx, match.tensor("summand"))
         if s_range is None or quant_math.needs_signed(s_range[0]) or not _summand_safe(
