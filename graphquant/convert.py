@@ -57,7 +57,7 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
             exclude: Sequence[str] = (), image_spec=None, calib_limit: Optional[int] = None,
             percentile: Optional[float] = None, max_layer_error: Optional[float] = 0.2,
             progress: Optional[Callable[[int, Optional[int]], None]] = None,
-            debug: bool = False) -> ConversionResult:
+            debug: bool = False, histograms: Optional[bool] = None) -> ConversionResult:
     """Quantize ``graph`` (GraphDef or path) to int8, calibrating on ``calib``.
 
     ``calib``: a .npy (one input; first axis = samples), a .npz (one array per
@@ -67,7 +67,9 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     types to keep in fp32.  ``max_layer_error``: an int8 island whose own
     relative L2 error on the calibration data exceeds it is kept in fp32 (the
     report says so, with the measured error); None keeps everything int8.
-    ``progress(done, total)`` is called during calibration.
+    ``progress(done, total)`` is called during calibration.  ``histograms``:
+    collect activation histograms for the report even with ``minmax``
+    (passed to :func:`~graphquant.calibrate.calibrate`; the ranges do not change).
     """
     graph_def = as_graph_def(graph)
     ctx = make_context(graph_def, inputs, outputs, debug=debug)
@@ -78,7 +80,7 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
 
     extra = {} if percentile is None else {"percentile": percentile}
     ranges, stats = calibrate(fp32, calibration_tensors(fp32), data, method=calibration,
-                              progress=progress, **extra)
+                              progress=progress, histograms=histograms, **extra)
     ctx.options.update(per_tensor=per_tensor, target=tgt, exclude=set(split_names(exclude)),
                        weight_max_level=target_mod.weight_max_level(tgt.name))
     ctx.options.update(ranges=plan_ranges(fp32, ranges), shapes=tensor_shapes(fp32))
