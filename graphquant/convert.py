@@ -23,6 +23,7 @@ Steps, each checked before the next starts:
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -44,6 +45,8 @@ from graphquant.report import ConversionReport
 from graphquant.sensitivity import island_errors
 
 INFO_NODE = "graphquant_info"
+#: calibration feeds the sensitivity probe runs (errors are ratios of sums: a few feeds suffice)
+PROBE_FEEDS = 8
 
 
 @dataclass
@@ -114,14 +117,16 @@ def quantize_graph(fp32: graph_pb2.GraphDef, ranges, ctx,
 def _measure_islands(fp32, ctx, data):
     """Own/accumulated error of every island, measured on a probe graph.
 
-    The probe leaves residual Adds in fp32: the Sum fusion writes into its
+    It runs the first :data:`PROBE_FEEDS` calibration feeds.  The probe
+    leaves residual Adds in fp32: the Sum fusion writes into its
     summand's buffer, which the shadow graph (whose islands all read fp32
     tensors) cannot guarantee is free -- it crashed TensorFlow there.
     """
     probe_ctx = PassContext(inputs=ctx.inputs, outputs=ctx.outputs,
                             options=dict(ctx.options, fuse_residual=False))
     probe = run_pipeline(fp32, ISLAND_PASSES, probe_ctx)
-    return island_errors(fp32, probe, data), probe_ctx.notes_of("int8")
+    feeds = itertools.islice(data, PROBE_FEEDS)
+    return island_errors(fp32, probe, feeds), probe_ctx.notes_of("int8")
 
 
 def _keep_coarse_islands_fp32(errors, probe_notes, ctx, limit):
