@@ -29,6 +29,7 @@ CLEANUP_PIPELINE: List[str] = [
     "fold_decomposed_batch_norms",
     "fold_mul_into_conv",
     "fold_constants",
+    "grouped_conv_to_depthwise",
     "fold_pad_into_conv",
     "remove_unused_nodes",
 ]
