@@ -2,6 +2,8 @@
 
     graphquant optimize IN.pb -o OUT.pb [--inputs a,b] [--outputs x:0,y:0] [--debug]
     graphquant inspect IN.pb [--inputs ...] [--outputs ...]
+    graphquant convert IN.pb -o OUT.pb --calib DATA [--report FILE.md|.html|.json]
+                       [--saved_model DIR] [--calibration=kl] [--measure_speed] ...
 
 The first argument names the subcommand; flags (absl) are defined once below
 and each subcommand lists the ones it takes.  A new subcommand is one function
@@ -42,7 +44,37 @@ flags.DEFINE_bool("debug", False, "Validate the graph after every pass and print
                   "pass with its time.", flag_values=FLAGS)
 flags.DEFINE_bool("all", False, "List every int8 candidate, not only the first 20.",
                   flag_values=FLAGS)
-# graphquant convert (the INT8 issue): define its flags here (--calib, --calibration, ...).
+# graphquant convert
+flags.DEFINE_string("calib", None, "Calibration data: a .npy (one input, first axis = samples), "
+                    "a .npz (one array per input name) or a folder of images (with "
+                    "--image_spec).", flag_values=FLAGS)
+flags.DEFINE_enum("calibration", "minmax", ["minmax", "kl", "percentile", "mse"],
+                  "How each tensor's range is chosen from the calibration data.",
+                  flag_values=FLAGS)
+flags.DEFINE_float("percentile", None, "--calibration=percentile: share of values kept in "
+                   "range (default 99.99).", flag_values=FLAGS)
+flags.DEFINE_bool("per_tensor", False, "One weight scale per tensor instead of per output "
+                  "channel.", flag_values=FLAGS)
+flags.DEFINE_enum("target", "auto", ["auto", "avx2", "vnni"], "CPU the int8 graph is for "
+                  "(auto: this one); avx2 limits weights to 7 bits so sums cannot saturate.",
+                  flag_values=FLAGS)
+flags.DEFINE_list("exclude", None, "Node names or op types to keep in fp32, comma-separated.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("image_spec", None, "Preprocessing of calibration images, e.g. "
+                    "'preset=tf' or 'size=224,224;mean=127.5;scale=1/127.5' "
+                    "(graphquant.calib_data.ImageSpec).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("calib_limit", None, "Use at most this many calibration samples.",
+                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string("max_layer_error", "0.2", "Keep an int8 layer in fp32 when its own "
+                    "relative L2 error on the calibration data is above this; 'none' keeps "
+                    "every layer int8.", flag_values=FLAGS)
+flags.DEFINE_string("report", None, "Write the conversion report here: .md, .html or .json.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("saved_model", None, "Also write the int8 graph as a SavedModel with a "
+                    "serving signature in this (new or empty) directory.", flag_values=FLAGS)
+flags.DEFINE_bool("measure_speed", False, "Time fp32 vs int8 on one calibration feed "
+                  "(a quick estimate, in the report and summary).", flag_values=FLAGS)
 
 
 @dataclass
@@ -109,6 +141,117 @@ def _cmd_inspect(args: List[str]) -> int:
     return EXIT_OK
 
 
+def _cmd_convert(args: List[str]) -> int:
+    from graphquant.convert import convert
+    from graphquant.calibrate import stderr_progress
+    from graphquant.graph_io import check_output_path, load_graph_def
+
+    src, out = args[0], FLAGS.output
+    report_path, saved_model = FLAGS.report, FLAGS.saved_model
+    _check_convert_paths(src, out, report_path, saved_model)  # before any work
+    if not FLAGS.calib:
+        raise UsageError("`graphquant convert` needs calibration data: --calib DATA",
+                         "give --calib samples.npy (one input), samples.npz (one array per "
+                         "input) or a folder of images with --image_spec")
+    max_error = _max_layer_error(FLAGS.max_layer_error)
+    started = time.perf_counter()
+    graph_def = load_graph_def(src)
+    result = convert(graph_def, FLAGS.calib, inputs=FLAGS.inputs, outputs=FLAGS.outputs,
+                     calibration=FLAGS.calibration, per_tensor=FLAGS.per_tensor,
+                     target=FLAGS.target, exclude=FLAGS.exclude or (),
+                     image_spec=FLAGS.image_spec, calib_limit=FLAGS.calib_limit,
+                     percentile=FLAGS.percentile, max_layer_error=max_error,
+                     progress=stderr_progress, debug=FLAGS.debug,
+                     histograms=True if report_path else None)
+    elapsed = time.perf_counter() - started
+    report = result.report
+    report.files = {"input file": src, "output file": out}
+    if saved_model:
+        report.files["SavedModel"] = saved_model
+    if FLAGS.measure_speed:
+        report.speed = _quick_speed(graph_def, result.graph_def, report)
+    _write_outputs(result.graph_def, report, src, out, report_path, saved_model)
+    print(f"converted {src} -> {out} in {elapsed:.1f} s")
+    print(report.summary())
+    for label, path in (("report", report_path), ("SavedModel", saved_model)):
+        if path:
+            print(f"  {label}: {path}")
+    return EXIT_OK
+
+
+def _check_convert_paths(src: str, out: Optional[str], report: Optional[str],
+                         saved_model: Optional[str]) -> None:
+    """Every output path checked before any work (and no two of them the same)."""
+    from graphquant.graph_io import check_output_path
+    from graphquant.report_render import report_format
+    from graphquant.saved_model import check_saved_model_path
+
+    check_output_path(out, src)
+    if report:
+        report_format(report)
+        check_output_path(report, src)
+        if os.path.abspath(report) == os.path.abspath(out):
+            raise UsageError(f"--report '{report}' is the same path as -o",
+                             "give the report its own file, e.g. --report report.html")
+    if saved_model:
+        check_saved_model_path(saved_model, src, out, report)
+
+
+def _max_layer_error(text: str) -> Optional[float]:
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise UsageError(f"--max_layer_error must be a positive number or 'none', got '{text}'",
+                         "e.g. --max_layer_error=0.2 (20% relative error), or 'none'")
+    return value
+
+
+def _quick_speed(fp32, int8, report) -> Dict[str, object]:
+    """One calibration feed, both graphs timed in interleaved rounds (graphquant.speed)."""
+    from graphquant.calib_data import open_data
+    from graphquant.speed import quick_speedup
+
+    data = open_data(FLAGS.calib, fp32, inputs=report.inputs, image_spec=FLAGS.image_spec,
+                     limit=FLAGS.calib_limit)
+    feeds = next(iter(data))
+    print("measuring speed (quick estimate) ...", file=sys.stderr)
+    try:
+        return quick_speedup(fp32, int8, feeds, report.outputs)
+    except GraphQuantError as err:  # the conversion stands; the report says why
+        return {"error": err.problem}
+
+
+def _write_outputs(int8, report, src: str, out: str, report_path: Optional[str],
+                   saved_model: Optional[str]) -> None:
+    """SavedModel first (the step most likely to fail), then the graph and the report,
+    each written atomically; if a later one fails, the earlier ones are removed."""
+    from graphquant.graph_io import save_graph_def
+    from graphquant.saved_model import write_saved_model
+
+    written: List[str] = []
+    try:
+        if saved_model:
+            write_saved_model(int8, saved_model, report.inputs, report.outputs)
+            written.append(saved_model)
+        save_graph_def(int8, out, input_path=src)
+        written.append(out)
+        if report_path:
+            report.write(report_path)
+    except BaseException:
+        import shutil
+
+        for path in written:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.unlink(path)
+        raise
+
+
 def _cmd_passes(args: List[str]) -> int:
     from graphquant.pipeline import CLEANUP_PIPELINE, registered_passes
 
@@ -127,7 +270,12 @@ COMMANDS: Dict[str, Command] = {
                        ("inputs", "outputs", "passes", "all"), _cmd_inspect),
     "passes": Command("", "list the clean-up pipeline and every registered pass", (),
                       _cmd_passes, n_args=0),
-    # "convert": Command("IN -o OUT --calib DATA", "...", (...), _cmd_convert),  (INT8 issue)
+    "convert": Command("IN -o OUT --calib DATA", "int8: clean up, calibrate on DATA, quantize; "
+                       "write the int8 graph, a report and a SavedModel if asked",
+                       ("output", "calib", "inputs", "outputs", "calibration", "percentile",
+                        "per_tensor", "target", "exclude", "image_spec", "calib_limit",
+                        "max_layer_error", "report", "saved_model", "measure_speed", "debug"),
+                       _cmd_convert),
 }
 
 
@@ -215,9 +363,17 @@ def _command_help(name: str) -> str:
             spelling = f"--[no]{flag.name}"
         elif flag_name in ("output",):
             spelling += " PATH"
-        else:
+        elif isinstance(flag, flags.EnumFlag):
+            spelling += "=" + "|".join(flag.parser.enum_values)
+        elif isinstance(flag.parser, flags.ListParser):
             spelling += "=a,b"
-        lines.append(f"  {spelling:<22} {flag.help}")
+        else:
+            spelling += "=" + {"calib": "DATA", "report": "FILE", "saved_model": "DIR"}.get(
+                flag_name, "N" if flag.flag_type() in ("int", "float") else "VALUE")
+        help_text = flag.help.split(">: ", 1)[-1] if isinstance(flag, flags.EnumFlag) else flag.help
+        if flag.default is not None and not flag.boolean and not isinstance(flag.default, list):
+            help_text += f" (default: {flag.default})"
+        lines.append(f"  {spelling:<22} {help_text}")
     return "\n".join(lines)
 
 

@@ -144,11 +144,17 @@ def save_graph_def(graph_def: graph_pb2.GraphDef, path: str,
     """Write ``graph_def`` to ``path`` atomically (text if it ends in .pbtxt)."""
     path = os.fspath(path)
     check_output_path(path, input_path)
-    directory = os.path.dirname(os.path.abspath(path))
     if path.endswith(_TEXT_EXTENSIONS):
         data = text_format.MessageToString(graph_def).encode("utf-8")
     else:
         data = graph_def.SerializeToString(deterministic=True)
+    write_file_atomic(path, data)
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a
+    rename: readers see the old file or the whole new one, a failure leaves no file."""
+    directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=".graphquant-", suffix=".tmp", dir=directory)
     except OSError as exc:
@@ -157,6 +163,7 @@ def save_graph_def(graph_def: graph_pb2.GraphDef, path: str,
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a new file gets 0644-ish
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
@@ -165,6 +172,12 @@ def save_graph_def(graph_def: graph_pb2.GraphDef, path: str,
             raise OutputPathError(f"writing '{path}' failed: {exc.strerror or exc}",
                                   "check the free disk space and permissions") from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_output_path(path: str, input_path: Optional[str] = None) -> None:
@@ -190,3 +203,10 @@ def check_output_path(path: str, input_path: Optional[str] = None) -> None:
     if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise OutputPathError(f"cannot write '{path}' (permission denied)",
                               "choose a path you can write to")
+    try:  # what os.access cannot see: read-only file systems, /proc, root's "permission"
+        fd, probe = tempfile.mkstemp(prefix=".graphquant-probe-", dir=directory)
+    except OSError as exc:
+        raise OutputPathError(f"cannot write in '{directory}': {exc.strerror or exc}",
+                              "choose a path you can write to") from None
+    os.close(fd)
+    os.unlink(probe)

@@ -5,16 +5,28 @@ the graphs themselves, so an op no pass knows about still gets a line: every
 node of the clean fp32 graph that is still in the output graph, unchanged, is
 listed with the reason a pass gave, or "no int8 pattern for this op" when none
 did.
+
+Each quantized entry also carries ``weights`` (per-channel absmax summary and
+the SQNR of the int8 weights the target's format gives, recomputed from the
+clean fp32 graph with :func:`graphquant.quant_math.quantize_weights`) and the
+names of its ``input_tensor`` / ``output_tensor``, whose calibration statistics
+(min, max, count, a 32-bin histogram when collected) are in ``tensors``.
+Rendering as Markdown, HTML or JSON: :mod:`graphquant.report_render`
+(``report.write(path)``, by extension).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-from graphquant.graph import op_histogram
+import numpy as np
+
+from graphquant.graph import (GraphIndex, canonical_tensor, const_value, data_inputs,
+                              op_histogram)
 
 # ops that carry no compute worth quantizing: never listed as "left in fp32"
 _PLUMBING = frozenset({
@@ -23,6 +35,8 @@ _PLUMBING = frozenset({
 })
 COMPUTE_OPS = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul", "Conv2DBackpropInput",
                          "BatchMatMulV2", "BatchMatMul"})
+_WEIGHT_KINDS = {"Conv2D": "conv", "DepthwiseConv2dNative": "depthwise", "MatMul": "matmul"}
+HISTOGRAM_BINS = 32   # bins of the per-tensor histograms kept in the report
 
 
 @dataclass
@@ -36,10 +50,20 @@ class ConversionReport:
     bytes_before: int = 0
     bytes_after: int = 0
     calibration: Dict[str, object] = field(default_factory=dict)
+    inputs: List[str] = field(default_factory=list)     # input node names used
+    outputs: List[str] = field(default_factory=list)    # output tensor names used
+    tensors: Dict[str, Dict[str, object]] = field(default_factory=dict)  # calibrated tensors
+    speed: Optional[Dict[str, object]] = None           # graphquant.speed.quick_speedup
+    files: Dict[str, str] = field(default_factory=dict)  # set by the CLI: input, output...
 
     @classmethod
     def build(cls, original, fp32, int8, ctx, stats, info) -> "ConversionReport":
-        quantized = ctx.notes_of("int8")
+        fp32_nodes = {n.name: n for n in fp32.node}
+        target = info.get("target") or "avx2"
+        order = {name: i for i, name in enumerate(GraphIndex(fp32).topological_order())}
+        quantized = sorted((_with_weights(dict(note), fp32_nodes, target)
+                            for note in ctx.notes_of("int8")),
+                           key=lambda q: (order.get(q["node"], len(order)), q["node"]))
         reasons = {}
         for note in ctx.notes_of("fp32"):
             reasons.setdefault(note["node"], note)
@@ -53,12 +77,21 @@ class ConversionReport:
                               "reason": note["message"] if note else (
                                   "no int8 pattern for this op" if node.op not in COMPUTE_OPS
                                   else "not matched by any int8 pattern (see notes)")})
+        tensors = {name: tensor_summary(s)
+                   for name, s in (getattr(stats, "tensors", {}) or {}).items()}
         calibration = {"samples": getattr(stats, "num_samples", None),
-                       "tensors": len(getattr(stats, "tensors", {}) or {})}
+                       "tensors": len(tensors), "method": info.get("calibration"),
+                       "feeds": getattr(stats, "num_feeds", None),
+                       "source": getattr(stats, "source", ""),
+                       "seconds": round(getattr(stats, "seconds_run", 0.0)
+                                        + getattr(stats, "seconds_stats", 0.0), 3),
+                       "nonfinite_tensors": sorted(n for n, t in tensors.items()
+                                                   if t["nonfinite"])}
         return cls(info=dict(info), quantized=quantized, fp32=fp32_left,
                    notes=ctx.notes_of("note"), ops_before=op_histogram(original),
                    ops_after=op_histogram(int8), bytes_before=original.ByteSize(),
-                   bytes_after=int8.ByteSize(), calibration=calibration)
+                   bytes_after=int8.ByteSize(), calibration=calibration,
+                   inputs=list(ctx.inputs), outputs=list(ctx.outputs), tensors=tensors)
 
     def compute_counts(self) -> Dict[str, Dict[str, int]]:
         """Per compute op type (Conv2D, MatMul...): how many became int8 / stayed fp32."""
@@ -71,7 +104,30 @@ class ConversionReport:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=float)
+        from graphquant.report_render import to_json
+
+        return to_json(self)
+
+    def to_markdown(self) -> str:
+        from graphquant.report_render import to_markdown
+
+        return to_markdown(self)
+
+    def to_html(self) -> str:
+        from graphquant.report_render import to_html
+
+        return to_html(self)
+
+    def write(self, path: str) -> None:
+        """Write the report to ``path`` (.md, .html or .json), atomically."""
+        from graphquant.report_render import write_report
+
+        write_report(self, path)
+
+    def worst_layers(self, n: int = 3) -> List[Dict[str, object]]:
+        """The ``n`` quantized entries of lowest own SQNR (measured ones only)."""
+        measured = [q for q in self.quantized if _finite(q.get("own_sqnr_db"))]
+        return sorted(measured, key=lambda q: (q["own_sqnr_db"], q["node"]))[:n]
 
     def summary(self) -> str:
         """A few lines for the end of a CLI run."""
@@ -89,4 +145,76 @@ class ConversionReport:
         lines.append(f"  size: {self.bytes_before / 1e6:.2f} MB -> {self.bytes_after / 1e6:.2f} MB "
                      f"({ratio:.2f}x)")
         lines.append(f"  target: {self.info.get('target')} ({self.info.get('target_description')})")
+        cal = self.calibration
+        if cal.get("method"):
+            lines.append(f"  calibration: {cal['method']} on {cal.get('samples')} samples")
+        worst = self.worst_layers(1)
+        if worst:
+            w = worst[0]
+            lines.append(f"  lowest layer SQNR: {w['own_sqnr_db']:.1f} dB own, "
+                         f"{w.get('accumulated_sqnr_db', math.nan):.1f} dB accumulated "
+                         f"({w['op']} {w['node']})")
+        if self.speed and self.speed.get("speedup"):
+            lines.append(f"  speed-up (quick estimate): {self.speed['speedup']:.2f}x")
         return "\n".join(lines)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def tensor_summary(stats) -> Dict[str, object]:
+    """min, max, count, NaN/Inf count, shape and (when collected) a coarse histogram
+    over [min, max] of one :class:`~graphquant.calibrate.TensorStats`."""
+    out = {"min": stats.min if stats.count else None, "max": stats.max if stats.count else None,
+           "count": int(stats.count), "nonfinite": int(stats.nonfinite),
+           "shape": list(stats.shape or []), "histogram": None}
+    if stats.count and getattr(stats, "counts", None) is not None and stats.max > stats.min:
+        counts = stats.counts
+        used = np.flatnonzero(counts)
+        centres = stats.edges[used] + stats.bin_width / 2
+        hist, _ = np.histogram(np.clip(centres, stats.min, stats.max), bins=HISTOGRAM_BINS,
+                               range=(stats.min, stats.max), weights=counts[used])
+        out["histogram"] = [int(round(c)) for c in hist]
+    return out
+
+
+def _with_weights(note: Dict[str, object], fp32_nodes, target: str) -> Dict[str, object]:
+    """``note`` plus its input/output tensor names and a summary of its int8 weights."""
+    from graphquant import quant_math, target as target_mod
+
+    note["output_tensor"] = canonical_tensor(str(note["node"]))
+    compute = next((fp32_nodes[n] for n in note.get("nodes", [note["node"]])
+                    if n in fp32_nodes and fp32_nodes[n].op in COMPUTE_OPS), None)
+    if compute is None:
+        root = fp32_nodes.get(str(note["node"]))
+        if root is not None and data_inputs(root):
+            note["input_tensor"] = canonical_tensor(data_inputs(root)[0])
+        return note
+    inputs = data_inputs(compute)
+    note["input_tensor"] = canonical_tensor(inputs[0])
+    kind = _WEIGHT_KINDS.get(compute.op)
+    producer = fp32_nodes.get(inputs[1].split(":")[0].lstrip("^")) if len(inputs) > 1 else None
+    if kind is None or producer is None or producer.op != "Const":
+        return note
+    w = np.asarray(const_value(producer), np.float32)
+    transpose_b = kind == "matmul" and compute.attr["transpose_b"].b
+    try:
+        view = quant_math.weight_channel_view(w, kind, transpose_b)
+        absmax = np.abs(view).reshape(-1, view.shape[-1]).max(axis=0)
+        signed = bool((note.get("input_range") or [0.0])[0] < 0)
+        level, multiple = target_mod.weight_format(target, kind, signed)
+        q = quant_math.quantize_weights(w, kind, per_channel=bool(note.get("per_channel", True)),
+                                        max_level=level, multiple=multiple,
+                                        transpose_b=transpose_b)
+    except (ValueError, IndexError):  # a weight layout we cannot summarise: leave it out
+        return note
+    used = quant_math.weight_channel_view(q.values, kind, transpose_b).astype(np.float64) * q.step
+    err = float(np.linalg.norm(used - view) / max(np.linalg.norm(view.astype(np.float64)), 1e-30))
+    note["weights"] = {"shape": list(w.shape), "channels": int(absmax.size),
+                       "absmax_min": float(absmax.min()),
+                       "absmax_median": float(np.median(absmax)),
+                       "absmax_max": float(absmax.max()),
+                       "levels": int(level // multiple), "rel_l2": err,
+                       "sqnr_db": math.inf if err <= 0 else -20.0 * math.log10(err)}
+    return note
