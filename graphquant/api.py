@@ -17,15 +17,17 @@ from tensorflow.core.framework import graph_pb2
 
 from graphquant.errors import GraphQuantError, NodeNotFoundError
 from graphquant.graph import GraphIndex, canonical_tensor, parse_tensor_name, suggest_names
-from graphquant.graph_io import load_graph_def
+from graphquant.graph_io import load_graph_def, validate_graph_def
 from graphquant.pipeline import CLEANUP_PIPELINE, PassContext, get_pass, run_pipeline
 
 GraphLike = Union[graph_pb2.GraphDef, str, "os.PathLike[str]"]
 
 
 def as_graph_def(graph: GraphLike) -> graph_pb2.GraphDef:
-    """``graph`` itself when it is a GraphDef, else the validated graph loaded from that path."""
+    """``graph`` itself when it is a GraphDef (validated: a library user's graph gets the
+    same clear errors as a file), else the validated graph loaded from that path."""
     if isinstance(graph, graph_pb2.GraphDef):
+        validate_graph_def(graph)
         return graph
     if isinstance(graph, (str, os.PathLike)):
         return load_graph_def(graph)

@@ -35,6 +35,7 @@ _PLUMBING = frozenset({
 })
 COMPUTE_OPS = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul", "Conv2DBackpropInput",
                          "BatchMatMulV2", "BatchMatMul"})
+_TF1_CONTROL_FLOW = frozenset({"Switch", "Merge", "RefSwitch", "RefMerge"})
 _WEIGHT_KINDS = {"Conv2D": "conv", "DepthwiseConv2dNative": "depthwise", "MatMul": "matmul"}
 HISTOGRAM_BINS = 32   # bins of the per-tensor histograms kept in the report
 
@@ -74,9 +75,7 @@ class ConversionReport:
                 continue
             note = reasons.get(node.name)
             fp32_left.append({"node": node.name, "op": node.op,
-                              "reason": note["message"] if note else (
-                                  "no int8 pattern for this op" if node.op not in COMPUTE_OPS
-                                  else "not matched by any int8 pattern (see notes)")})
+                              "reason": note["message"] if note else _default_reason(node, fp32)})
         tensors = {name: tensor_summary(s)
                    for name, s in (getattr(stats, "tensors", {}) or {}).items()}
         calibration = {"samples": getattr(stats, "num_samples", None),
@@ -157,6 +156,24 @@ class ConversionReport:
         if self.speed and self.speed.get("speedup"):
             lines.append(f"  speed-up (quick estimate): {self.speed['speedup']:.2f}x")
         return "\n".join(lines)
+
+
+def _default_reason(node, graph_def) -> str:
+    """Why a node no pass wrote about is still fp32."""
+    if node.op in _TF1_CONTROL_FLOW:
+        return "TF1 control flow (Switch/Merge): kept as is, in fp32"
+    functions = [a.func.name for a in node.attr.values() if a.HasField("func")]
+    functions += [f.name for a in node.attr.values() if a.HasField("list") for f in a.list.func]
+    if functions:
+        library = {f.signature.name: f for f in graph_def.library.function}
+        inside = Counter(n.op for name in functions if name in library
+                         for n in library[name].node_def if n.op in COMPUTE_OPS)
+        detail = ", ".join(f"{n} {op}" for op, n in sorted(inside.items()))
+        return ("control flow / function call: its function bodies run as written, in fp32"
+                + (f" ({detail} inside)" if detail else ""))
+    if node.op in COMPUTE_OPS:
+        return "not matched by any int8 pattern (see notes)"
+    return "no int8 pattern for this op"
 
 
 def _finite(value) -> bool:
