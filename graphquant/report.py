@@ -171,9 +171,16 @@ def _default_reason(node, graph_def) -> str:
         detail = ", ".join(f"{n} {op}" for op, n in sorted(inside.items()))
         return ("control flow / function call: its function bodies run as written, in fp32"
                 + (f" ({detail} inside)" if detail else ""))
+    if node.op in _NO_INT8_KERNEL:
+        return _NO_INT8_KERNEL[node.op]
     if node.op in COMPUTE_OPS:
         return "not matched by any int8 pattern (see notes)"
     return "no int8 pattern for this op"
+
+
+_NO_INT8_KERNEL = {
+    op: "TensorFlow 2.21 has no int8 kernel for this op" for op in
+    ("Conv2DBackpropInput", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Conv3D")}
 
 
 def _finite(value) -> bool:
