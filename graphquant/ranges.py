@@ -35,11 +35,18 @@ Range = Tuple[float, float]
 
 
 def calibration_tensors(graph_def: graph_pb2.GraphDef) -> List[str]:
-    """Float tensors read or written by ops the int8 passes handle, in graph order."""
+    """Float tensors read or written by ops the int8 passes handle, in graph order.
+
+    Nodes inside TF1 ``cond`` branches (after a Switch, before its Merge) are
+    left out: a sample that takes the other branch gives them no value, so
+    they get no range and stay fp32.
+    """
     index = GraphIndex(graph_def)
+    conditional = _inside_switch_branches(index)
     wanted: Dict[str, None] = {}
     for node in graph_def.node:
-        if node.op not in QUANTIZABLE_OPS or dtype_of(node) != types_pb2.DT_FLOAT:
+        if (node.op not in QUANTIZABLE_OPS or dtype_of(node) != types_pb2.DT_FLOAT
+                or node.name in conditional):
             continue
         inputs = data_inputs(node)
         if node.op == "ConcatV2":
@@ -50,6 +57,20 @@ def calibration_tensors(graph_def: graph_pb2.GraphDef) -> List[str]:
                 wanted[canonical_tensor(inp)] = None
         wanted[canonical_tensor(node.name)] = None
     return list(wanted)
+
+
+def _inside_switch_branches(index: GraphIndex) -> set:
+    """Names of nodes reachable from a Switch without passing a Merge."""
+    seen = set()
+    stack = [c.name for n in index.graph_def.node if n.op in ("Switch", "RefSwitch")
+             for c in index.consumer_nodes(n.name)]
+    while stack:
+        name = stack.pop()
+        if name in seen or index.nodes[name].op in ("Merge", "RefMerge"):
+            continue
+        seen.add(name)
+        stack.extend(c.name for c in index.consumer_nodes(name))
+    return seen
 
 
 def _compatible(ranges) -> bool:

@@ -299,17 +299,9 @@ def _both_branches():
     return np.concatenate([low, high])
 
 
-TF1_COND_BRANCH_BUG = (
-    "ranges.calibration_tensors lists tensors inside TF1 cond branches (between Switch and "
-    "Merge); a sample taking the other branch makes the fetch fail ('Retval[k] does not have "
-    "value'). Fix: skip nodes reachable from a Switch output without passing a Merge, so they "
-    "get no range and stay fp32")
-
-
 @pytest.mark.parametrize("v2, conv_in_branch, control_ops", [
     (False, False, {"Switch", "Merge"}),
-    pytest.param(False, True, {"Switch", "Merge"},
-                 marks=pytest.mark.xfail(reason=TF1_COND_BRANCH_BUG, strict=True)),
+    (False, True, {"Switch", "Merge"}),
     (True, True, {"StatelessIf"}),
 ])
 def test_cond_is_left_fp32_and_the_rest_converted(capsys, tmp_path, v2, conv_in_branch,

@@ -52,3 +52,19 @@ def test_concat_of_very_different_ranges_is_not_unified():
     planned = plan_ranges(gd, calibrated)
     assert planned["a:0"] == (0.0, 1.0)  # not widened 100x
     assert planned["pool:0"] == planned["x:0"] == (0.0, 100.0)  # the pool still ties
+
+
+def test_nodes_inside_tf1_cond_branches_are_not_calibrated():
+    t = tf()
+
+    def body(x):
+        pred = t.reduce_mean(x) > 0
+        w = t.constant(np.ones([1, 1, 2, 2], np.float32))
+        y = t.compat.v1.cond(pred, lambda: t.nn.relu(t.nn.conv2d(x, w, 1, "SAME"), name="inner"),
+                             lambda: x)
+        return t.nn.relu(y, name="after")
+
+    gd, _ = build_graph(body, x=[1, 3, 3, 2])
+    tensors = calibration_tensors(gd)
+    assert "after:0" in tensors
+    assert not any("inner" in name or "Conv2D" in name for name in tensors)
