@@ -12,7 +12,11 @@ forward pass in training mode over all of them with momentum 0 sets every
 moving mean and variance to the statistics of that layer's input, so at
 inference each batch-norm output is centred and scaled as in a trained net.
 The weights are random, so top-1 accuracy is at chance level; the point is
-realistic activation ranges for quantization.
+realistic activation ranges for quantization.  The classifier head is random
+too: the softmax is nearly uniform and the top-1 margin tiny (MobileNet v1:
+median top-1 minus top-2 log-probability 0.05), so top-1 *agreement* between
+fp32 and int8 is a far harsher test here than on a trained net -- judge zoo
+fidelity by SQNR, relative L2 and cosine similarity.
 
 Two export styles, because users hand us both:
 
