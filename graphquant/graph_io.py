@@ -147,6 +147,35 @@ def validate_graph_def(graph_def: graph_pb2.GraphDef, source: str = "graph") -> 
                 f"{source}: node '{node.name}' has op '{node.op}', which this TensorFlow does "
                 "not know (a custom op, or an op from a newer TensorFlow)",
                 "load the library that registers it, or export the model without it")
+    _check_with_tensorflow(graph_def, source)
+
+
+def _check_with_tensorflow(graph_def: graph_pb2.GraphDef, source: str) -> None:
+    """Import the graph with TensorFlow's own importer, which checks every node against its
+    op: input count and types, attribute presence, kinds and values, shapes (inference).
+    A graph it refuses would fail deep inside a pass; here it is one clear error."""
+    from graphquant.execute import import_graph
+
+    try:
+        import_graph(graph_def)
+    except MemoryError:
+        raise
+    except Exception as exc:  # ValueError, TypeError, OpError...: all mean "not importable"
+        raise InvalidGraphError(
+            f"{source}: TensorFlow cannot import the graph: {_tf_error_text(exc)}",
+            "the graph is corrupt or not a valid frozen graph for this TensorFlow; re-export "
+            "it") from None
+
+
+def _tf_error_text(exc: Exception) -> str:
+    """The first line of a TensorFlow import error, without the repeated NodeDef dump."""
+    text = _first_line(exc)
+    for marker in ("; NodeDef: {{", " NodeDef: {{"):
+        if marker in text:
+            head, _, tail = text.partition(marker)
+            node = tail.split("}}", 1)[0]
+            text = f"{head} (at {node.strip()})"
+    return text if len(text) <= 400 else text[:400] + "..."
 
 
 def save_graph_def(graph_def: graph_pb2.GraphDef, path: str,

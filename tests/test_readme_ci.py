@@ -28,7 +28,7 @@ def test_readme_starts_with_install_and_test_commands():
     steps = [s.strip() for s in install.split("&&")]
     assert steps[0].startswith("python3 -m venv ") and "bin/activate" in steps[1]
     assert steps[2] == "pip install -e '.[test]'"
-    assert "graphquant optimize models/fer_mini_xception.pb" in install  # the bundled real model
+    assert "graphquant convert models/fer_mini_xception.pb" in install  # the bundled real model
     assert test.startswith("python -m pytest ")
 
 
