@@ -32,6 +32,7 @@ import numpy as np
 from tensorflow.core.framework import graph_pb2
 
 import graphquant
+from graphquant import accuracy
 from graphquant import target as target_mod
 from graphquant.api import GraphLike, as_graph_def, make_context, split_names
 from graphquant.calib_data import open_data
@@ -60,7 +61,9 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
             exclude: Sequence[str] = (), image_spec=None, calib_limit: Optional[int] = None,
             percentile: Optional[float] = None, max_layer_error: Optional[float] = 0.2,
             progress: Optional[Callable[[int, Optional[int]], None]] = None,
-            debug: bool = False, histograms: Optional[bool] = None) -> ConversionResult:
+            debug: bool = False, histograms: Optional[bool] = None,
+            pair_weights: bool = False, shift_signed: bool = False,
+            bias_correction: bool = False) -> ConversionResult:
     """Quantize ``graph`` (GraphDef or path) to int8, calibrating on ``calib``.
 
     ``calib``: a .npy (one input; first axis = samples), a .npz (one array per
@@ -86,6 +89,10 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
                               progress=progress, histograms=histograms, **extra)
     ctx.options.update(per_tensor=per_tensor, target=tgt, exclude=set(split_names(exclude)),
                        weight_max_level=target_mod.weight_max_level(tgt.name))
+    ctx.options["pair_weights"] = pair_weights          # issue 6: graphquant/pair_weights.py
+    fp32, ranges = accuracy.after_calibration(fp32, ranges, ctx, data,   # issue 6: accuracy.py
+                                              shift_signed=shift_signed,
+                                              bias_correction=bias_correction)
     ctx.options.update(ranges=plan_ranges(fp32, ranges), shapes=tensor_shapes(fp32))
     errors, probe_notes = _measure_islands(fp32, ctx, data)
     if max_layer_error is not None:

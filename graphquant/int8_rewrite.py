@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from graphquant import int8_ops, quant_math
+from graphquant import int8_ops, pair_weights, quant_math
 from graphquant.graph import canonical_tensor, make_const
 from graphquant.pattern import Match, RewriteContext
 
@@ -33,15 +33,29 @@ def planned_range(ctx, tensor: str) -> Optional[Tuple[float, float]]:
 
 def quantize_weights(ctx, weights, kind: str, signed_input: bool, transpose_b: bool = False):
     """Weights quantized for the target in ``ctx.options['target']`` (avx2 when unset):
-    the max level and multiple that keep the kernel exact there (:mod:`graphquant.target`)."""
+    the max level and multiple that keep the kernel exact there (:mod:`graphquant.target`);
+    with ``ctx.options['pair_weights']``, u8-input convs and matmuls on avx2 get 8-bit
+    weights with limited input-channel pairs (:mod:`graphquant.pair_weights`)."""
     from graphquant import target as target_mod
 
     tgt = ctx.options.get("target")
     name = tgt.name if tgt is not None else "avx2"
+    if (ctx.options.get("pair_weights") and name == "avx2" and not signed_input
+            and kind in pair_weights.KINDS):   # 8-bit weights, pairs limited (issue 6)
+        return pair_weights.quantize_weights(
+            weights, kind, per_channel=not ctx.options.get("per_tensor", False),
+            transpose_b=transpose_b)
     max_level, multiple = target_mod.weight_format(name, kind, signed_input)
     return quant_math.quantize_weights(
         weights, kind, per_channel=not ctx.options.get("per_tensor", False),
         max_level=max_level, multiple=multiple, transpose_b=transpose_b)
+
+
+def corrected_bias(ctx, node: str, bias: np.ndarray) -> np.ndarray:
+    """``bias`` plus the correction ``ctx.options['bias_corrections'][node]`` (float per
+    output channel, :mod:`graphquant.bias_correction`) for the int8 op replacing ``node``."""
+    delta = (ctx.options.get("bias_corrections") or {}).get(node)
+    return bias if delta is None else (bias + delta).astype(np.float32)
 
 
 def excluded(ctx, match: Match) -> Optional[str]:

@@ -36,7 +36,8 @@ import numpy as np
 from graphquant import quant_math
 from graphquant.graph import const_value, node_name
 from graphquant.int8_ops import fused_quantized_conv
-from graphquant.int8_rewrite import Island, excluded, planned_range, quantize_weights
+from graphquant.int8_rewrite import (Island, corrected_bias, excluded, planned_range,
+                                     quantize_weights)
 from graphquant.pattern import Any, Const, OpTypePattern, Replacement, rewrite
 from graphquant.pipeline import register_pass
 
@@ -132,6 +133,7 @@ def _quantize(match, rctx, ctx):
         weights.shape[2] * weights.shape[3] if depthwise else weights.shape[3])
     bias = (const_value(match["bias"]).astype(np.float32) if "bias" in match
             else np.zeros([channels], np.float32))
+    bias = corrected_bias(ctx, conv.name, bias)   # issue 6: graphquant/bias_correction.py
 
     isl = Island(rctx, root.name)
     qx = isl.quantize("input", match.tensor("x"), x_range)

@@ -25,7 +25,8 @@ import numpy as np
 from graphquant import quant_math
 from graphquant.graph import const_value
 from graphquant.int8_ops import quantized_matmul
-from graphquant.int8_rewrite import Island, excluded, planned_range, quantize_weights
+from graphquant.int8_rewrite import (Island, corrected_bias, excluded, planned_range,
+                                     quantize_weights)
 from graphquant.pattern import Any, Const, OpTypePattern, Replacement, rewrite
 from graphquant.pipeline import register_pass
 
@@ -73,6 +74,7 @@ def _quantize(match, rctx, ctx):
         bias = bias + const_value(match["bias"]).astype(np.float32).reshape(-1)
         if bias.shape != (columns,):
             return None
+    bias = corrected_bias(ctx, matmul.name, bias)   # issue 6: graphquant/bias_correction.py
     qw = quantize_weights(ctx, weights, "matmul", quant_math.needs_signed(x_range[0]),
                           transpose_b=transpose_b)
     act = match["act"].op if "act" in match else None

@@ -1,0 +1,47 @@
+"""The accuracy steps of :func:`graphquant.convert.convert` between calibration and quantization.
+
+    calibrate ─► [shift_signed_activations] ─► [bias corrections] ─► plan_ranges ─► int8 passes
+
+Each step is an fp32 rewrite that leaves the fp32 outputs unchanged, or a
+choice of int8 parameters kept in ``ctx.options``; :func:`convert` switches
+them with keywords:
+
+* ``shift_signed`` -- :mod:`graphquant.passes.shift_signed_activations`:
+  signed tensors read only by unpadded convs/matmuls become ``y - lo >= 0``
+  (quint8: 255 steps over the data's span, and an unsigned input for the
+  reader, hence 8-bit weights with ``pair_weights``);
+* ``bias_correction`` -- :mod:`graphquant.bias_correction`: per-channel
+  output mean shift of the int8 weights, measured on the calibration data,
+  removed from each int8 op's bias (``ctx.options['bias_corrections']``);
+* ``pair_weights`` (read by :func:`graphquant.int8_rewrite.quantize_weights`):
+  8-bit weights with limited input-channel pairs on AVX2 without VNNI
+  (:mod:`graphquant.pair_weights`).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+from tensorflow.core.framework import graph_pb2
+
+from graphquant.bias_correction import bias_corrections
+from graphquant.execute import tensor_shapes
+from graphquant.pipeline import run_pipeline
+from graphquant.ranges import plan_ranges
+
+Range = Tuple[float, float]
+
+
+def after_calibration(fp32: graph_pb2.GraphDef, ranges: Dict[str, Range], ctx, data, *,
+                      shift_signed: bool = True, bias_correction: bool = True
+                      ) -> Tuple[graph_pb2.GraphDef, Dict[str, Range]]:
+    """(fp32 graph, calibrated ranges) after the enabled steps; ``ctx`` gets their notes
+    and ``ctx.options['bias_corrections']``.  ``data``: the calibration feeds."""
+    if shift_signed:
+        ctx.options.update(ranges=dict(ranges), shapes=tensor_shapes(fp32))
+        fp32 = run_pipeline(fp32, ["shift_signed_activations"], ctx)
+        ranges = ctx.options["ranges"]
+    if bias_correction:
+        ctx.options["bias_corrections"] = bias_corrections(fp32, plan_ranges(fp32, ranges),
+                                                           data, ctx)
+    return fp32, ranges

@@ -1,0 +1,291 @@
+"""shift_signed_activations: a signed tensor read by unpadded convs/matmuls is stored as y - lo >= 0.
+
+TensorFlow's int8 activations have no zero point: a tensor in ``[lo, hi]``
+with ``lo < 0`` is qint8 over ``[-R, R]`` (``R = max(-lo, hi)``, 127 steps a
+side), and a conv reading qint8 gets 7-bit weights on AVX2 without VNNI
+(oneDNN halves them).  When every window of the reading conv lies inside the
+tensor (no zero padding: VALID or 1x1 convs, matmuls), the reader can take
+``y - lo`` instead and put the difference in its bias, because
+``W * (y - lo) + c + lo * sum(W) = W * y + c``::
+
+    Before:  P ─► y ─► [MaxPool|AvgPool|Reshape|Transpose|…] ─► Conv2D|MatMul ─► BiasAdd(c)
+                  └──► other readers
+
+    After:   P ─► y ─► AddV2(-lo) "y/shifted" ─► [same] ─► Conv2D|MatMul ─► BiasAdd(c + lo·ΣW)
+                  └──► other readers (unchanged)
+
+    or, when P is a conv/matmul (+BiasAdd b) and y's other readers are fp32 ops:
+             conv ─► BiasAdd(b - lo) "y" ─► [same] ─► Conv2D|MatMul ─► BiasAdd(c + lo·ΣW)
+                                      └──► AddV2(+lo) "y/unshifted" ─► other readers
+
+``ΣW`` sums each output channel's weights over its window (and input
+channels); pools, reshapes and transposes commute with adding a constant.  The
+result is an fp32 identity (tests/test_shift_signed_activations.py) and the
+shifted tensor is quint8 over ``[0, hi - lo]``: 255 steps over the data's span
+instead of 127 over half of ``[-R, R]``, and the reader's input is unsigned,
+so it gets 8-bit weights where the target allows (:mod:`graphquant.pair_weights`).
+
+Runs after calibration on the clean fp32 graph with the calibrated (unplanned)
+ranges in ``ctx.options['ranges']``; adds the ranges of the tensors it makes
+and moves the ranges of the shifted ones.  Graph outputs are never shifted.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from tensorflow.core.framework import graph_pb2, types_pb2
+
+from graphquant.graph import (GraphIndex, canonical_tensor, const_value, data_inputs, make_const,
+                              make_node, node_name, parse_tensor_name)
+from graphquant.pipeline import register_pass
+
+PASS = "shift_signed_activations"
+CONV_LIKE = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul"})
+# ops through which "+ constant" passes unchanged (input 0 only)
+TRANSPARENT = frozenset({"MaxPool", "AvgPool", "Reshape", "Transpose", "Squeeze", "ExpandDims",
+                         "Identity"})
+# readers that would need the unshifted tensor in int8 (then y's producer keeps y)
+INT8_READERS = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul", "ConcatV2", "MaxPool",
+                          "AvgPool"})
+
+
+# --------------------------------------------------------------------------- who absorbs
+def _pads(size, k, stride, dilation) -> int:
+    eff = (k - 1) * dilation + 1
+    out = -(-size // stride)
+    return max((out - 1) * stride + eff - size, 0)
+
+
+def _no_zero_padding(node, weights, shapes) -> bool:
+    padding = node.attr["padding"].s
+    if padding == b"VALID":
+        return True
+    if padding == b"EXPLICIT":
+        return not any(node.attr["explicit_paddings"].list.i)
+    x_shape = shapes.get(node_name(node.input[0])) if shapes else None
+    strides = list(node.attr["strides"].list.i) or [1, 1, 1, 1]
+    dil = list(node.attr["dilations"].list.i) or [1, 1, 1, 1]
+    for axis in (1, 2):
+        k = weights.shape[axis - 1]
+        if k == 1 and strides[axis] >= 1:
+            continue           # 1x1: never padded
+        if not x_shape or x_shape[axis] is None:
+            return False
+        if _pads(x_shape[axis], k, strides[axis], dil[axis]):
+            return False
+    return True
+
+
+def weight_sums(node, weights: np.ndarray) -> np.ndarray:
+    """Per output channel, the sum of the weights one output element reads."""
+    w = weights.astype(np.float64)
+    if node.op == "Conv2D":
+        return w.sum(axis=(0, 1, 2))
+    if node.op == "DepthwiseConv2dNative":
+        return w.sum(axis=(0, 1)).reshape(-1)
+    return w.sum(axis=1) if node.attr["transpose_b"].b else w.sum(axis=0)
+
+
+def _absorbing_weights(index: GraphIndex, node, shapes) -> Optional[np.ndarray]:
+    """The Const weights of a reader that can take a shifted input 0, else None."""
+    if node.op not in CONV_LIKE or node.attr["T"].type != types_pb2.DT_FLOAT:
+        return None
+    producer = index.node(node.input[1])
+    if producer.op != "Const":
+        return None
+    weights = const_value(producer)
+    if node.op == "MatMul":
+        return None if node.attr["transpose_a"].b else weights
+    if node.attr["data_format"].s not in (b"", b"NHWC"):
+        return None
+    return weights if _no_zero_padding(node, weights, shapes) else None
+
+
+class _Plan:
+    """Readers of a tensor that take the shift (absorbing convs/matmuls, transparent ops
+    whose own readers all take it) and the others."""
+
+    def __init__(self):
+        self.absorbing: List[Tuple[str, np.ndarray]] = []   # (node name, weights)
+        self.transparent: List[str] = []                     # node names, in order
+        self.direct: List[Tuple[str, int]] = []              # (reader, input index) to rewire
+        self.others: List[str] = []                          # reader names
+
+
+def _plan(index: GraphIndex, tensor: str, shapes, protected) -> _Plan:
+    plan = _Plan()
+    for reader, i in index.consumers(canonical_tensor(tensor)):
+        weights = _absorbing_weights(index, reader, shapes) if i == 0 else None
+        if weights is not None:
+            plan.absorbing.append((reader.name, weights))
+            plan.direct.append((reader.name, i))
+            continue
+        if (reader.op in TRANSPARENT and i == 0 and reader.name not in protected
+                and reader.attr["T"].type == types_pb2.DT_FLOAT
+                and reader.attr["data_format"].s in (b"", b"NHWC")):
+            sub = _plan(index, f"{reader.name}:0", shapes, protected)
+            if sub.absorbing and not sub.others:
+                plan.absorbing += sub.absorbing
+                plan.transparent += [reader.name] + sub.transparent
+                plan.direct.append((reader.name, i))
+                continue
+        plan.others.append(reader.name)
+    return plan
+
+
+# --------------------------------------------------------------------------- rewriting
+class _Editor:
+    """A mutable name -> NodeDef map of a GraphDef, emitted in the original order."""
+
+    def __init__(self, graph_def: graph_pb2.GraphDef):
+        self.graph = graph_pb2.GraphDef()
+        self.graph.CopyFrom(graph_def)
+        self.nodes = {n.name: n for n in self.graph.node}
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.nodes:
+            name, k = f"{base}_{k}", k + 1
+        return name
+
+    def add(self, node):
+        self.nodes[node.name] = self.graph.node.add()
+        self.nodes[node.name].CopyFrom(node)
+        return self.nodes[node.name]
+
+    def const(self, base: str, value) -> str:
+        return self.add(make_const(self.fresh(base), np.asarray(value, np.float32))).name
+
+    def rewire(self, reader: str, i: int, tensor: str) -> None:
+        self.nodes[reader].input[i] = tensor
+
+    def rename(self, old: str, new: str) -> None:
+        """Give node ``old`` the name ``new``; its readers are not rewired."""
+        node = self.nodes.pop(old)
+        node.name = new
+        self.nodes[new] = node
+
+
+def _fold_producer(index: GraphIndex, tensor: str, plan: _Plan, protected) -> Optional[str]:
+    """The BiasAdd (or bias-less conv) whose bias can take ``-lo``, when allowed."""
+    t = parse_tensor_name(tensor)
+    node = index.node(t.node)
+    if t.port or node.name in protected or any(
+            index.node(r).op in INT8_READERS for r in plan.others):
+        return None
+    if node.op in CONV_LIKE:
+        return node.name
+    if node.op == "BiasAdd" and index.node(node.input[1]).op == "Const":
+        conv = index.node(node.input[0])
+        readers = {c.name for c in index.consumer_nodes(conv.name)}
+        if conv.op in CONV_LIKE and readers == {node.name}:
+            return node.name
+    return None
+
+
+def _add_to_bias(ed: _Editor, index: GraphIndex, conv: str, delta: np.ndarray,
+                 use_existing: bool = True) -> None:
+    """Add ``delta`` (per output channel) to the bias of conv-like node ``conv``: to the
+    Const of its one reader when that is a BiasAdd, else in a new BiasAdd that takes the
+    conv's name (the conv is renamed, so its readers read the BiasAdd)."""
+    readers = index.consumer_nodes(conv)
+    if use_existing and len(readers) == 1 and readers[0].op == "BiasAdd":
+        bias_add = ed.nodes[readers[0].name]
+        bias_node = index.node(bias_add.input[1])
+        if node_name(bias_add.input[0]) == conv and bias_node.op == "Const":
+            bias = const_value(bias_node).astype(np.float64).reshape(-1) + delta
+            bias_add.input[1] = ed.const(f"{bias_add.name}/shifted_bias", bias)
+            return
+    inner = ed.fresh(f"{conv}/before_shift_bias")
+    ed.rename(conv, inner)
+    ed.add(make_node("BiasAdd", conv, [inner, ed.const(f"{conv}/shift_bias", delta)],
+                     T=np.float32))
+
+
+def shift_tensor(graph_def: graph_pb2.GraphDef, tensor: str, lo: float, ranges, shapes,
+                 protected) -> Tuple[graph_pb2.GraphDef, Optional[str]]:
+    """Shift ``tensor`` by ``-lo`` for the readers that absorb it; (graph, mode or None)."""
+    index = GraphIndex(graph_def)
+    plan = _plan(index, tensor, shapes, protected)
+    if not plan.absorbing:
+        return graph_def, None
+    ed = _Editor(graph_def)
+    t = parse_tensor_name(tensor)
+    hi = ranges[canonical_tensor(tensor)][1]
+    producer = _fold_producer(index, tensor, plan, protected)
+    if producer is not None:
+        mode = "folded into the producer's bias"
+        shifted = producer
+        _add_to_bias_or_self(ed, index, producer, -lo)
+        if plan.others:
+            back = ed.fresh(f"{t.node}/unshifted")
+            ed.add(make_node("AddV2", back, [t.node, ed.const(f"{back}/lo", lo)],
+                             T=np.float32))
+            for reader in plan.others:
+                node = ed.nodes[reader]
+                for i, inp in enumerate(node.input):
+                    if inp in (t.node, f"{t.node}:0"):
+                        node.input[i] = back
+            ranges[canonical_tensor(back)] = ranges[canonical_tensor(tensor)]
+        ranges[canonical_tensor(tensor)] = (0.0, float(hi - lo))
+    else:
+        mode = "AddV2 before its readers"
+        shifted = ed.fresh(f"{t.node}/shifted")
+        ed.add(make_node("AddV2", shifted, [str(t), ed.const(f"{shifted}/minus_lo", -lo)],
+                         T=np.float32))
+        for reader, i in plan.direct:
+            ed.rewire(reader, i, shifted)
+        ranges[canonical_tensor(shifted)] = (0.0, float(hi - lo))
+    for name in plan.transparent:
+        key = canonical_tensor(name)
+        if key in ranges:
+            r_lo, r_hi = ranges[key]
+            ranges[key] = (max(0.0, float(r_lo - lo)), float(r_hi - lo))
+    for reader, weights in plan.absorbing:
+        _add_to_bias(ed, index, reader, lo * weight_sums(index.node(reader), weights))
+    return ed.graph, f"{mode} (shift {-lo:.4g}, {len(plan.absorbing)} readers absorb it)"
+
+
+def _add_to_bias_or_self(ed: _Editor, index: GraphIndex, producer: str, delta: float) -> None:
+    """Producer is a BiasAdd (its Const bias moves by ``delta``) or a bias-less conv."""
+    node = index.node(producer)
+    if node.op == "BiasAdd":
+        bias = const_value(index.node(node.input[1])).astype(np.float64).reshape(-1) + delta
+        ed.nodes[producer].input[1] = ed.const(f"{producer}/shifted_bias", bias)
+        return
+    weights = const_value(index.node(node.input[1]))
+    channels = weight_sums(node, weights).shape[0]
+    _add_to_bias(ed, index, producer, np.full([channels], delta), use_existing=False)
+
+
+def _candidates(graph_def, ranges) -> List[Tuple[str, float]]:
+    """Calibrated float tensors that can be negative, in graph order."""
+    out = []
+    for node in graph_def.node:
+        key = canonical_tensor(node.name)
+        rng = ranges.get(key)
+        if rng is not None and rng[0] < 0 and rng[1] > rng[0]:
+            out.append((key, float(rng[0])))
+    return out
+
+
+@register_pass(PASS)
+def shift_signed_activations(graph_def, ctx):
+    ranges: Dict[str, Tuple[float, float]] = dict(ctx.options.get("ranges") or {})
+    shapes = ctx.options.get("shapes")
+    if shapes is None:
+        from graphquant.execute import tensor_shapes
+
+        shapes = tensor_shapes(graph_def)
+    for tensor, _ in _candidates(graph_def, ranges):
+        lo = ranges[tensor][0]       # an earlier shift may have moved it (pools, reshapes)
+        if lo >= 0:
+            continue
+        graph_def, how = shift_tensor(graph_def, tensor, lo, ranges, shapes, ctx.protected)
+        if how:
+            ctx.note(PASS, node_name(tensor), f"signed tensor stored as y - ({lo:.4g}) >= 0: "
+                     + how)
+    ctx.options["ranges"] = ranges
+    return graph_def

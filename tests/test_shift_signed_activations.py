@@ -1,0 +1,188 @@
+"""shift_signed_activations: fp32 identity, which readers absorb the shift, ranges, int8 error."""
+
+import numpy as np
+import pytest
+
+from graphquant.calibrate import calibrate
+from graphquant.convert import convert
+from graphquant.execute import GraphRunner, tensor_shapes
+from graphquant.graph import GraphIndex, canonical_tensor
+from graphquant.pipeline import PassContext, run_pipeline
+from graphquant.ranges import calibration_tensors
+from graphquant.runtime import tf
+from helpers import build_graph, rel_l2
+
+RNG = np.random.default_rng(0)
+
+
+def const(*shape, scale=0.3):
+    return tf().constant(RNG.normal(0, scale, shape).astype(np.float32))
+
+
+def prelu(t, y):
+    return t.nn.relu(y) - 0.25 * t.nn.relu(-y)
+
+
+def shifted(graph_def, outs, feeds):
+    ranges, _ = calibrate(graph_def, calibration_tensors(graph_def), feeds)
+    ctx = PassContext.for_graph(graph_def, outputs=outs)
+    ctx.options.update(ranges=dict(ranges), shapes=tensor_shapes(graph_def))
+    out = run_pipeline(graph_def, ["shift_signed_activations"], ctx)
+    return out, ctx, ranges
+
+
+def assert_same_outputs(a, b, outs, feeds, rtol=1e-5):
+    ra, rb = GraphRunner(a, outs), GraphRunner(b, outs)
+    for feed in feeds:
+        for x, y in zip(ra(feed), rb(feed)):
+            assert rel_l2(y, x) < rtol
+
+
+def feeds_of(shape, n=4, offset=0.0):
+    return [{"x:0": (RNG.normal(offset, 1, shape)).astype(np.float32)} for _ in range(n)]
+
+
+def test_conv_output_read_by_a_1x1_conv_is_shifted_in_its_bias():
+    t = tf()
+
+    def body(x):
+        y = t.nn.bias_add(t.nn.conv2d(x, const(3, 3, 4, 8), 1, "VALID"), const(8), name="y")
+        z = t.nn.bias_add(t.nn.conv2d(y, const(1, 1, 8, 6), 1, "VALID"), const(6))
+        return t.nn.relu(z, name="out")
+
+    gd, outs = build_graph(body, x=[1, 10, 10, 4])
+    feeds = feeds_of([1, 10, 10, 4])
+    out, ctx, ranges = shifted(gd, outs, feeds)
+    assert_same_outputs(gd, out, outs, feeds)
+    index = GraphIndex(out)
+    assert not any(n.op == "AddV2" and "y" in n.input for n in out.node)   # folded
+    assert index.node("y").op == "BiasAdd"
+    lo, hi = ranges["y:0"]
+    assert ctx.options["ranges"]["y:0"] == (0.0, pytest.approx(hi - lo))
+    measured, _ = calibrate(out, ["y:0"], feeds)
+    assert measured["y:0"][0] >= -1e-5 * (hi - lo)
+    notes = {n["node"]: n["message"] for n in ctx.notes}
+    assert set(notes) == {"x", "y"} and "folded" in notes["y"] and "AddV2" in notes["x"]
+
+
+def test_prelu_output_through_max_pool_into_valid_conv_gets_an_add():
+    t = tf()
+
+    def body(x):
+        y = prelu(t, t.nn.conv2d(x, const(3, 3, 3, 8), 1, "VALID"))
+        p = t.nn.max_pool2d(y, 3, 2, "SAME", name="pool")
+        z = t.nn.bias_add(t.nn.conv2d(p, const(3, 3, 8, 4), 1, "VALID"), const(4))
+        return t.identity(z, name="out")
+
+    gd, outs = build_graph(body, x=[1, 16, 16, 3])
+    feeds = feeds_of([1, 16, 16, 3])
+    out, ctx, ranges = shifted(gd, outs, feeds)
+    assert_same_outputs(gd, out, outs, feeds)
+    index = GraphIndex(out)
+    pool = index.node("pool")
+    adds = [n for n in out.node if n.op == "AddV2" and n.name.endswith("/shifted")]
+    assert len(adds) == 2                                      # the input and the PReLU output
+    assert pool.input[0] in {a.name for a in adds}
+    p_lo, p_hi = ctx.options["ranges"]["pool:0"]
+    assert p_lo >= 0 and p_hi > 0
+
+
+def test_flatten_into_matmul():
+    t = tf()
+
+    def body(x):
+        y = t.add(x, const(3), name="y")                # calibrated (Add): shifted there
+        flat = t.reshape(t.transpose(y, [0, 2, 1, 3]), [2, -1])
+        return t.nn.bias_add(t.linalg.matmul(flat, const(48, 5)), const(5), name="out")
+
+    gd, outs = build_graph(body, x=[2, 4, 4, 3])
+    feeds = feeds_of([2, 4, 4, 3], offset=0.5)
+    out, ctx, _ = shifted(gd, outs, feeds)
+    assert_same_outputs(gd, out, outs, feeds)
+    index = GraphIndex(out)
+    assert index.node(index.node("transpose").input[0]).name == "y/shifted"
+
+
+def test_padded_conv_readers_and_graph_outputs_are_left_alone():
+    t = tf()
+
+    def body(x):
+        y = t.nn.bias_add(t.nn.conv2d(x, const(3, 3, 4, 8), 1, "VALID"), const(8), name="y")
+        a = t.nn.conv2d(y, const(3, 3, 8, 4), 1, "SAME", name="padded")       # zero padding
+        b = t.nn.conv2d(y, const(1, 1, 8, 4), 1, "VALID", name="pointwise")
+        return [t.identity(a, name="out_a"), t.identity(b, name="out_b"), t.identity(y, "out_y")]
+
+    gd, outs = build_graph(body, x=[1, 10, 10, 4])
+    feeds = feeds_of([1, 10, 10, 4])
+    out, ctx, _ = shifted(gd, outs, feeds)
+    assert_same_outputs(gd, out, outs, feeds)
+    index = GraphIndex(out)
+    assert index.node(index.node("out_a").input[0]).input[0] == "y"      # padded reads y itself
+    assert index.node("pointwise/before_shift_bias").input[0] == "y/shifted"
+    assert index.node("out_y").input[0] == "y"
+
+
+def test_no_signed_tensor_no_change():
+    t = tf()
+
+    def body(x):
+        y = t.nn.relu(t.nn.conv2d(x, const(3, 3, 4, 8), 1, "VALID"))
+        return t.nn.conv2d(y, const(1, 1, 8, 4), 1, "VALID", name="out")
+
+    gd, outs = build_graph(body, x=[1, 8, 8, 4])
+    feeds = [{"x:0": np.abs(f["x:0"])} for f in feeds_of([1, 8, 8, 4])]
+    out, ctx, _ = shifted(gd, outs, feeds)
+    assert out.SerializeToString() == gd.SerializeToString() and not ctx.notes
+
+
+def test_int8_reader_takes_quint8_and_is_exact_on_grid_data():
+    """Input on the quint8 grid of [lo, hi], weights exactly representable: the int8
+    graph's only error is rounding its output (at most one output step)."""
+    t = tf()
+    lo, hi = -1.5, 2.5
+    step = (hi - lo) / 255
+    w_levels = RNG.integers(-60, 61, (1, 1, 8, 6)).astype(np.float32)
+    w_levels[..., 0, :] = 60                        # every output channel reaches its max
+    w = w_levels * np.float32(0.01)
+    bias = RNG.normal(0, 0.1, 6).astype(np.float32)
+
+    def body(x):
+        z = t.nn.bias_add(t.nn.conv2d(x, t.constant(w), 1, "VALID"), t.constant(bias))
+        return t.identity(z, name="out")
+
+    gd, outs = build_graph(body, x=[1, 6, 6, 8])
+    levels = [RNG.integers(0, 256, (1, 6, 6, 8)) for _ in range(6)]
+    for lv in levels:
+        lv[0, 0, 0, 0], lv[0, 0, 0, 1] = 0, 255           # the calibrated range is exact
+    xs = [(lo + lv * step).astype(np.float32) for lv in levels]
+    result = convert(gd, xs, outputs=outs, target="avx2", shift_signed=True,
+                     pair_weights=True, max_layer_error=None)
+    conv = next(n for n in result.graph_def.node if n.op == "_FusedQuantizedConv2D")
+    assert conv.attr["Tinput"].type == 12                   # DT_QUINT8
+    ref, got = GraphRunner(gd, outs), GraphRunner(result.graph_def, outs)
+    out_range = max(abs(v) for x in xs for v in (ref({"x:0": x})[0].min(),
+                                                 ref({"x:0": x})[0].max()))
+    for x in xs:
+        err = np.abs(got({"x:0": x})[0] - ref({"x:0": x})[0]).max()
+        assert err <= out_range / 127 * 1.01 + 1e-5
+
+
+def test_shift_lowers_int8_error_on_asymmetric_signed_input():
+    t = tf()
+
+    def body(x):
+        y = prelu(t, t.nn.conv2d(x, const(3, 3, 3, 16), 1, "VALID"))
+        z = t.nn.bias_add(t.nn.conv2d(y, const(3, 3, 16, 16), 1, "VALID"), const(16))
+        return t.identity(z, name="out")
+
+    gd, outs = build_graph(body, x=[1, 14, 14, 3])
+    xs = [RNG.normal(0, 1, (1, 14, 14, 3)).astype(np.float32) for _ in range(8)]
+    ref = GraphRunner(gd, outs)
+
+    def error(**kw):
+        got = GraphRunner(convert(gd, xs, outputs=outs, target="avx2", max_layer_error=None,
+                                  **kw).graph_def, outs)
+        return np.mean([rel_l2(got({"x:0": x})[0], ref({"x:0": x})[0]) for x in xs])
+
+    plain = error()
+    assert error(shift_signed=True, bias_correction=True, pair_weights=True) < 0.8 * plain

@@ -1,0 +1,183 @@
+"""Effect of each accuracy technique on real models: convert, evaluate on held-out data, tabulate.
+
+    python tools/accuracy_table.py                          # every model, every config
+    python tools/accuracy_table.py --models=fer_mini_xception,mtcnn_rnet --configs=default,auto
+    python tools/accuracy_table.py --json_out=/tmp/acc.json
+
+Models: every graph in ../shared/models (calibrated on the first 16 samples
+and evaluated on the rest when a file has more than 16, else calibrated and
+evaluated on all of them -- there is nothing held out for 1-2 sample files),
+and the zoo MobileNet v1/v2 (``mobilenet_v1``/``mobilenet_v2``: the b1 keras3
+graphs in models/cache, calibrated on the first 100 ImageNet samples,
+evaluated on the next ``--zoo_eval`` files).
+
+Configs are named sets of :func:`graphquant.convert.convert` keywords
+(:data:`CONFIGS`); a row per (model, config) gives the worst relative L2 over
+the outputs, each output's relative L2, and top-1 agreement for class-score
+outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools import common  # noqa: E402  (imports graphquant first)
+
+REPO = common._REPO
+SHARED = os.environ.get("GRAPHQUANT_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
+MODELS_DIR = os.path.join(SHARED, "models")
+IMAGENET = os.path.join(SHARED, "data", "imagenet-samples")
+ZOO = {
+    "mobilenet_v1": "mobilenet_v1_a1_224px_seed0_bn100_r2_b1_keras3.pb",
+    "mobilenet_v2": "mobilenet_v2_a1_224px_seed0_bn100_r2_b1_keras3.pb",
+}
+REAL = {
+    "fer_mini_xception": "fer_inputs_101.npy",
+    "fer_mini_xception_tfkeras": "fer_inputs_101.npy",
+    "mtcnn_pnet": "mtcnn_pnet_inputs.npy",
+    "mtcnn_rnet": "mtcnn_rnet_inputs.npy",
+    "mtcnn_onet": "mtcnn_onet_inputs.npy",
+    "musicnn_MTT_musicnn": "musicnn_input.npy",
+    "musicnn_MTT_vgg": "musicnn_input.npy",
+    "basic_pitch_nmp": "basic_pitch_input.npy",
+    "rapidocr_cls_mobile_v2": "rapidocr_cls_mobile_v2_input_nhwc.npy",
+    "rapidocr_det_ppocrv4": "rapidocr_det_ppocrv4_input_nhwc.npy",
+}
+CALIB_SAMPLES = 16
+
+#: config name -> convert() keywords
+CONFIGS: Dict[str, dict] = {
+    "default": {},
+    "minmax": {"calibration": "minmax"},
+    "auto": {"calibration": "auto"},
+    "mse": {"calibration": "mse"},
+    "kl": {"calibration": "kl"},
+    "no_fallback": {"max_layer_error": None},
+    "pairs": {"pair_weights": True},
+    "pairs_mse": {"pair_weights": True, "calibration": "mse"},
+    "shift": {"shift_signed": True},
+    "shift_pairs": {"shift_signed": True, "pair_weights": True},
+    "shift_pairs_mse": {"shift_signed": True, "pair_weights": True, "calibration": "mse"},
+    "bc": {"bias_correction": True},
+    "pairs_bc": {"pair_weights": True, "bias_correction": True},
+    "shift_bc": {"shift_signed": True, "bias_correction": True},
+    "shift_pairs_bc": {"shift_signed": True, "pair_weights": True, "bias_correction": True},
+    "shift_pairs_bc_mse": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
+                           "calibration": "mse"},
+}
+
+
+def load_model(name: str, zoo_eval: int):
+    """(pb path, input names, output names, calib feeds, eval feeds)."""
+    from graphquant.calib_data import open_data
+    from graphquant.graph_io import load_graph_def
+
+    if name in ZOO:
+        pb = os.path.join(REPO, "models", "cache", ZOO[name])
+    else:
+        pb = os.path.join(MODELS_DIR, name + ".pb")
+    graph_def = load_graph_def(pb)
+    ins, outs, meta = common.graph_interface(pb, graph_def, (), ())
+    names = [i.split(":")[0] for i in ins]
+    if name in ZOO:
+        spec = meta["preprocessing"]["image_spec"]
+        calib = list(open_data(IMAGENET, graph_def, inputs=names, image_spec=spec, limit=100))
+        evals = list(open_data(IMAGENET, graph_def, inputs=names, image_spec=spec, skip=100,
+                               limit=zoo_eval, kind="validation"))
+    else:
+        samples = np.load(os.path.join(MODELS_DIR, REAL[name]))
+        feeds = [{ins[0]: s[None]} for s in samples]
+        if len(feeds) > CALIB_SAMPLES:
+            calib, evals = feeds[:CALIB_SAMPLES], feeds[CALIB_SAMPLES:]
+        else:
+            calib, evals = feeds, feeds
+    return pb, graph_def, outs, calib, evals
+
+
+def run_all(graph_def, outs, feeds) -> List[np.ndarray]:
+    from graphquant.execute import GraphRunner
+
+    with GraphRunner(graph_def, outs) as runner:
+        values = [runner(f) for f in feeds]
+    return [np.concatenate([v[i] for v in values]) for i in range(len(outs))]
+
+
+def measure(name: str, configs: List[str], zoo_eval: int, log=print) -> List[Dict]:
+    from graphquant import metrics
+    from graphquant.convert import convert
+
+    pb, graph_def, outs, calib, evals = load_model(name, zoo_eval)
+    reference = run_all(graph_def, outs, evals)
+    rows = []
+    for config in configs:
+        start = time.time()
+        result = convert(graph_def, calib, outputs=outs, **CONFIGS[config])
+        seconds = time.time() - start
+        got = run_all(result.graph_def, outs, evals)
+        row = {"model": name, "config": config, "calib": len(calib), "eval": len(evals),
+               "convert_seconds": round(seconds, 1), "outputs": {}}
+        for out, r, c in zip(outs, reference, got):
+            entry = {"rel_l2": metrics.relative_l2(r, c)}
+            if metrics.is_classification(r) and r.shape[1] <= 1000 and "Sigmoid" not in out:
+                entry["top1"] = metrics.topk_agreement(r, c, 1)
+            row["outputs"][out] = entry
+        row["worst_rel_l2"] = max(e["rel_l2"] for e in row["outputs"].values())
+        tops = [e["top1"] for e in row["outputs"].values() if "top1" in e]
+        row["top1"] = min(tops) if tops else None
+        row["fp32_islands"] = sum(1 for n in result.report.fp32
+                                  if "int8 error" in str(n.get("reason", "")))
+        rows.append(row)
+        log(format_row(row))
+    return rows
+
+
+def format_row(row: Dict) -> str:
+    top1 = "-" if row["top1"] is None else f"{row['top1']:.2%}"
+    per = " ".join(f"{k.split(':')[0]}={v['rel_l2']:.4f}" for k, v in row["outputs"].items())
+    return (f"| {row['model']} | {row['config']} | {row['worst_rel_l2']:.4f} | {top1} | "
+            f"{row['fp32_islands']} | {per} | {row['calib']}/{row['eval']} |")
+
+
+HEADER = ("| model | config | worst relL2 | top-1 agr | fp32 islands | relL2 per output "
+          "| calib/eval |\n|---|---|---|---|---|---|---|")
+
+
+def _names(text) -> List[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def main(argv):
+    from absl import flags
+
+    f = flags.FLAGS
+    models = _names(f.models) or list(REAL) + list(ZOO)
+    configs = _names(f.configs) or ["default"]
+    print(HEADER, flush=True)
+    rows = []
+    for name in models:
+        rows += measure(name, configs, f.zoo_eval, log=lambda s: print(s, flush=True))
+    if f.json_out:
+        common.write_json(f.json_out, {"rows": rows, "environment": common.environment()})
+
+
+def define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("models", None, "comma-separated model names (default: all)")
+    flags.DEFINE_string("configs", "default", "comma-separated config names: "
+                        + ", ".join(CONFIGS))
+    flags.DEFINE_integer("zoo_eval", 100, "ImageNet evaluation images for the zoo models")
+    flags.DEFINE_string("json_out", None, "write the rows as JSON here")
+
+
+if __name__ == "__main__":
+    common.run_app(main, define_flags)
