@@ -142,9 +142,9 @@ def _cmd_inspect(args: List[str]) -> int:
 
 
 def _cmd_convert(args: List[str]) -> int:
-    from graphquant.convert import convert
     from graphquant.calibrate import stderr_progress
-    from graphquant.graph_io import check_output_path, load_graph_def
+    from graphquant.convert import convert
+    from graphquant.graph_io import load_graph_def
 
     src, out = args[0], FLAGS.output
     report_path, saved_model = FLAGS.report, FLAGS.saved_model
@@ -155,8 +155,7 @@ def _cmd_convert(args: List[str]) -> int:
                          "input) or a folder of images with --image_spec")
     max_error = _max_layer_error(FLAGS.max_layer_error)
     started = time.perf_counter()
-    graph_def = load_graph_def(src)
-    result = convert(graph_def, FLAGS.calib, inputs=FLAGS.inputs, outputs=FLAGS.outputs,
+    result = convert(src, FLAGS.calib, inputs=FLAGS.inputs, outputs=FLAGS.outputs,
                      calibration=FLAGS.calibration, per_tensor=FLAGS.per_tensor,
                      target=FLAGS.target, exclude=FLAGS.exclude or (),
                      image_spec=FLAGS.image_spec, calib_limit=FLAGS.calib_limit,
@@ -169,7 +168,8 @@ def _cmd_convert(args: List[str]) -> int:
     if saved_model:
         report.files["SavedModel"] = saved_model
     if FLAGS.measure_speed:
-        report.speed = _quick_speed(graph_def, result.graph_def, report)
+        report.speed = _quick_speed(load_graph_def(src, validate=False), result.graph_def,
+                                    report)
     _write_outputs(result.graph_def, report, src, out, report_path, saved_model)
     print(f"converted {src} -> {out} in {elapsed:.1f} s")
     print(report.summary())
