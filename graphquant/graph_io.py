@@ -181,12 +181,12 @@ def _check_constants(graph_def: graph_pb2.GraphDef, source: str) -> None:
             count = 1
             for d in dims:
                 count *= d
-            try:
-                itemsize = dtypes.as_dtype(tensor.dtype).as_numpy_dtype().itemsize
-            except (TypeError, ValueError):
-                itemsize = None
             string_like = tensor.dtype in (types_pb2.DT_STRING, types_pb2.DT_VARIANT,
                                            types_pb2.DT_RESOURCE)
+            try:
+                itemsize = None if string_like else dtypes.as_dtype(tensor.dtype).size
+            except (TypeError, ValueError):
+                itemsize = None
             if tensor.tensor_content and not string_like:
                 if itemsize is None or len(tensor.tensor_content) != count * itemsize:
                     problem = (f"its value holds {len(tensor.tensor_content)} bytes, but shape "
