@@ -7,7 +7,7 @@ after Relu or :mod:`graphquant.passes.shift_signed_activations`).  Measured
 on the calibration data and subtracted from the int8 op's bias::
 
     Before:  x ─► int8 conv(Wq) + b                 mean error  E[(Wq - W) * x]  per channel
-    After:   x ─► int8 conv(Wq) + b - E[(Wq - W) * x]           mean error  0 on the calibration data
+    After:   x ─► int8 conv(Wq) + b - E[(Wq - W) * x]           mean error 0 on the calibration data
 
 The expectation is empirical: the fp32 graph runs once more with, for every
 conv/depthwise/matmul with constant weights, a copy of the op applied to the

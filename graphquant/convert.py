@@ -33,6 +33,8 @@ from tensorflow.core.framework import graph_pb2
 
 import graphquant
 from graphquant import accuracy
+from graphquant import fidelity as fidelity_mod
+from graphquant import range_search
 from graphquant import target as target_mod
 from graphquant.api import GraphLike, as_graph_def, make_context, split_names
 from graphquant.calib_data import open_data
@@ -63,7 +65,8 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
             progress: Optional[Callable[[int, Optional[int]], None]] = None,
             debug: bool = False, histograms: Optional[bool] = None,
             pair_weights: bool = False, shift_signed: bool = False,
-            bias_correction: bool = False) -> ConversionResult:
+            bias_correction: bool = False, fidelity=None, validation=None,
+            measure_fallback_speed: bool = False) -> ConversionResult:
     """Quantize ``graph`` (GraphDef or path) to int8, calibrating on ``calib``.
 
     ``calib``: a .npy (one input; first axis = samples), a .npz (one array per
@@ -76,6 +79,17 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     ``progress(done, total)`` is called during calibration.  ``histograms``:
     collect activation histograms for the report even with ``minmax``
     (passed to :func:`~graphquant.calibrate.calibrate`; the ranges do not change).
+
+    Accuracy (issue 6, see /work/notes/accuracy.md): ``calibration="auto"`` picks per
+    tensor the data range or the clipped one of least expected error
+    (:mod:`graphquant.range_search`); ``pair_weights`` (8-bit weights exact on AVX2,
+    :mod:`graphquant.pair_weights`), ``shift_signed``
+    (:mod:`graphquant.passes.shift_signed_activations`) and ``bias_correction``
+    (:mod:`graphquant.bias_correction`); ``fidelity={"top1": 0.99}`` or
+    ``{"rel_l2": 0.02}`` (or ``"top1=0.99"``) with ``validation`` data (same forms as
+    ``calib``; default: ``calib``) keeps the fewest most sensitive islands fp32 until
+    the target is met (:mod:`graphquant.fidelity`; result in the report's
+    ``info["fidelity"]``), ``measure_fallback_speed`` times the result.
     """
     graph_def = as_graph_def(graph)
     ctx = make_context(graph_def, inputs, outputs, debug=debug)
@@ -85,8 +99,12 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     fp32 = run_pipeline(graph_def, CLEANUP_PIPELINE, ctx)
 
     extra = {} if percentile is None else {"percentile": percentile}
-    ranges, stats = calibrate(fp32, calibration_tensors(fp32), data, method=calibration,
-                              progress=progress, histograms=histograms, **extra)
+    auto = calibration.startswith("auto")   # issue 6: graphquant/range_search.py
+    ranges, stats = calibrate(fp32, calibration_tensors(fp32), data,
+                              method="minmax" if auto else calibration, progress=progress,
+                              histograms=True if auto else histograms, **extra)
+    if auto:
+        ranges = range_search.auto_ranges(stats, range_search.gain_of(calibration))[0]
     ctx.options.update(per_tensor=per_tensor, target=tgt, exclude=set(split_names(exclude)),
                        weight_max_level=target_mod.weight_max_level(tgt.name))
     ctx.options["pair_weights"] = pair_weights          # issue 6: graphquant/pair_weights.py
@@ -97,6 +115,13 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     errors, probe_notes = _measure_islands(fp32, ctx, data)
     if max_layer_error is not None:
         _keep_coarse_islands_fp32(errors, probe_notes, ctx, max_layer_error)
+    fid = None
+    if fidelity is not None:   # issue 6: graphquant/fidelity.py (validation: calib if not given)
+        fid = fidelity_mod.choose_fallbacks(
+            graph_def, fp32, ctx, errors, probe_notes, fidelity,
+            validation if validation is not None else data, image_spec=image_spec,
+            measure_speed=measure_fallback_speed)
+        ctx.options["exclude"] = set(ctx.options.get("exclude") or ()) | fid.exclude
     islands = run_pipeline(fp32, ISLAND_PASSES, ctx)
     int8 = run_pipeline(islands, JOIN_PASSES, ctx)
     for note in ctx.notes_of("int8"):
@@ -106,6 +131,8 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
             "target_description": tgt.description,
             "weight_max_level": ctx.options["weight_max_level"], "calibration": calibration,
             "per_channel": not per_tensor, "op_family": "_FusedQuantizedConv2D/_QuantizedMatMul"}
+    if fid is not None:
+        info["fidelity"] = fid.to_dict()                 # issue 6
     int8.node.add().CopyFrom(make_const(INFO_NODE, np.array(json.dumps(info, sort_keys=True),
                                                              dtype=object)))
     report = ConversionReport.build(graph_def, fp32, int8, ctx, stats, info)

@@ -1,4 +1,4 @@
-"""shift_signed_activations: a signed tensor read by unpadded convs/matmuls is stored as y - lo >= 0.
+"""shift_signed_activations: a signed tensor read by unpadded convs/matmuls is stored as y - lo.
 
 TensorFlow's int8 activations have no zero point: a tensor in ``[lo, hi]``
 with ``lo < 0`` is qint8 over ``[-R, R]`` (``R = max(-lo, hi)``, 127 steps a
@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from tensorflow.core.framework import graph_pb2, types_pb2
 
-from graphquant.graph import (GraphIndex, canonical_tensor, const_value, data_inputs, make_const,
+from graphquant.graph import (GraphIndex, canonical_tensor, const_value, make_const,
                               make_node, node_name, parse_tensor_name)
 from graphquant.pipeline import register_pass
 
