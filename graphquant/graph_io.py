@@ -162,45 +162,66 @@ _MAX_EXPANDED_ELEMENTS = 1 << 28   # a Const written as one repeated value, expa
 
 
 def _check_constants(graph_def: graph_pb2.GraphDef, source: str) -> None:
-    """Every Const's tensor must be readable: its dtype the node's, its shape valid and its
-    bytes the size the shape says (TensorFlow's importer does not look inside)."""
+    """Every tensor, shape and type held in an attribute must be well-formed, a Const's
+    value of the node's dtype.  TensorFlow's importer does not look inside tensors, nor at
+    attributes its op does not declare (it ignores them), yet running such a graph aborts
+    the process on a failed check (a tensor attribute with a negative or 2**31 dimension)."""
+    valid_types = set(types_pb2.DataType.values())
+    for node in graph_def.node:
+        for key in sorted(node.attr):
+            attr = node.attr[key]
+            problem = None
+            tensors = list(attr.list.tensor) + ([attr.tensor] if attr.HasField("tensor") else [])
+            shapes = list(attr.list.shape) + ([attr.shape] if attr.HasField("shape") else [])
+            types = list(attr.list.type) + ([attr.type] if attr.HasField("type") else [])
+            for tensor in tensors:
+                problem = problem or _tensor_problem(tensor)
+            for shape in shapes:
+                if any(d.size < -1 for d in shape.dim) or len(shape.dim) > 254:
+                    problem = problem or f"shape {[d.size for d in shape.dim]} is invalid"
+            for value in types:
+                if value not in valid_types:
+                    problem = problem or f"{_dtype_name(value)} is not a data type"
+            if (not problem and node.op == "Const" and key == "value" and "dtype" in node.attr
+                    and node.attr["dtype"].type != attr.tensor.dtype):
+                problem = (f"its dtype is {_dtype_name(attr.tensor.dtype)} but the node says "
+                           f"{_dtype_name(node.attr['dtype'].type)}")
+            if problem:
+                raise InvalidGraphError(
+                    f"{source}: node '{node.name}' ({node.op}) has a corrupt attribute "
+                    f"'{key}': {problem}", "re-export the frozen graph")
+
+
+def _tensor_problem(tensor) -> Optional[str]:
+    """Why a TensorProto cannot be read, or None."""
     from tensorflow.python.framework import dtypes, tensor_util
 
-    for node in graph_def.node:
-        if node.op != "Const" or "value" not in node.attr:
-            continue
-        tensor = node.attr["value"].tensor
-        problem = None
-        dims = [d.size for d in tensor.tensor_shape.dim]
-        if "dtype" in node.attr and node.attr["dtype"].type != tensor.dtype:
-            problem = (f"its value has dtype {_dtype_name(tensor.dtype)} but the node says "
-                       f"{_dtype_name(node.attr['dtype'].type)}")
-        elif tensor.tensor_shape.unknown_rank or any(d < 0 for d in dims):
-            problem = f"its value has an invalid shape {dims}"
-        else:
-            count = 1
-            for d in dims:
-                count *= d
-            string_like = tensor.dtype in (types_pb2.DT_STRING, types_pb2.DT_VARIANT,
-                                           types_pb2.DT_RESOURCE)
-            try:
-                itemsize = None if string_like else dtypes.as_dtype(tensor.dtype).size
-            except (TypeError, ValueError):
-                itemsize = None
-            if tensor.tensor_content and not string_like:
-                if itemsize is None or len(tensor.tensor_content) != count * itemsize:
-                    problem = (f"its value holds {len(tensor.tensor_content)} bytes, but shape "
-                               f"{dims} of {_dtype_name(tensor.dtype)} needs {count} elements")
-            elif count > _MAX_EXPANDED_ELEMENTS:
-                problem = f"its value would expand to {count} elements"
-            else:
-                try:
-                    tensor_util.MakeNdarray(tensor)
-                except Exception as exc:  # noqa: BLE001 - any failure means unreadable
-                    problem = f"its value cannot be read ({_first_line(exc)})"
-        if problem:
-            raise InvalidGraphError(f"{source}: constant '{node.name}' is corrupt: {problem}",
-                                    "re-export the frozen graph")
+    dims = [d.size for d in tensor.tensor_shape.dim]
+    if tensor.dtype not in set(types_pb2.DataType.values()) or tensor.dtype == 0:
+        return f"its tensor has {_dtype_name(tensor.dtype)}"
+    if tensor.tensor_shape.unknown_rank or any(d < 0 for d in dims) or len(dims) > 254:
+        return f"its tensor has an invalid shape {dims}"
+    count = 1
+    for d in dims:
+        count *= d
+    string_like = tensor.dtype in (types_pb2.DT_STRING, types_pb2.DT_VARIANT,
+                                   types_pb2.DT_RESOURCE)
+    try:
+        itemsize = None if string_like else dtypes.as_dtype(tensor.dtype).size
+    except (TypeError, ValueError):
+        itemsize = None
+    if tensor.tensor_content and not string_like:
+        if itemsize is None or len(tensor.tensor_content) != count * itemsize:
+            return (f"its tensor holds {len(tensor.tensor_content)} bytes, but shape {dims} "
+                    f"of {_dtype_name(tensor.dtype)} needs {count} elements")
+        return None
+    if count > _MAX_EXPANDED_ELEMENTS:
+        return f"its tensor would expand to {count} elements"
+    try:
+        tensor_util.MakeNdarray(tensor)
+    except Exception as exc:  # noqa: BLE001 - any failure means unreadable
+        return f"its tensor cannot be read ({_first_line(exc)})"
+    return None
 
 
 def _check_with_tensorflow(graph_def: graph_pb2.GraphDef, source: str) -> None:
