@@ -42,7 +42,7 @@ from graphquant.calibrate import calibrate
 from graphquant.execute import tensor_shapes
 from graphquant.graph import const_value, make_const
 from graphquant.pipeline import (CLEANUP_PIPELINE, ISLAND_PASSES, JOIN_PASSES, QUANTIZE_PIPELINE,
-                                 PassContext, run_pipeline)
+                                 RANGE_PASSES, PassContext, run_pipeline)
 from graphquant.ranges import calibration_tensors, plan_ranges
 from graphquant.report import ConversionReport
 from graphquant.sensitivity import island_errors
@@ -112,6 +112,7 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
                                               shift_signed=shift_signed,
                                               bias_correction=bias_correction)
     ctx.options.update(ranges=plan_ranges(fp32, ranges), shapes=tensor_shapes(fp32))
+    fp32 = run_pipeline(fp32, RANGE_PASSES, ctx)  # exact in range: the errors' reference
     errors, probe_notes = _measure_islands(fp32, ctx, data)
     if max_layer_error is not None:
         _keep_coarse_islands_fp32(errors, probe_notes, ctx, max_layer_error)

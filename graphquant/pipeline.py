@@ -34,6 +34,14 @@ CLEANUP_PIPELINE: List[str] = [
     "remove_unused_nodes",
 ]
 
+# fp32 rewrites that need the calibrated ranges (ctx.options['ranges']) and keep
+# every sum exact inside them; they may move ranges and record value offsets
+# (ctx.options['offsets']).  convert() runs them before measuring the islands,
+# so the errors are measured against the graph they produce.
+RANGE_PASSES: List[str] = [
+    "offset_residual_summands",
+]
+
 # int8 rewrite, after calibration (ranges in ctx.options['ranges']).  The
 # quantize passes make self-contained int8 islands (QuantizeV2 -> op ->
 # Dequantize); the join passes connect them into chains and clean up.
@@ -50,7 +58,7 @@ JOIN_PASSES: List[str] = [
     "skip_requantize_for_fp32_readers",
     "remove_unused_nodes",
 ]
-QUANTIZE_PIPELINE: List[str] = ISLAND_PASSES + JOIN_PASSES
+QUANTIZE_PIPELINE: List[str] = RANGE_PASSES + ISLAND_PASSES + JOIN_PASSES
 
 
 @dataclass
