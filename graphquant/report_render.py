@@ -197,7 +197,7 @@ table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 8px;border-bottom:
 text-align:left;vertical-align:middle}th{background:#f5f5f5}td.n{text-align:right;
 font-variant-numeric:tabular-nums}code{font-size:12px}.poor{color:#b00020;font-weight:600}
 .legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:-1px}
-svg text{font:11px system-ui,sans-serif}.muted{color:#777}
+svg text{font-size:11px;font-family:system-ui,sans-serif}.muted{color:#777}
 """
 _OWN, _ACC, _RANGE, _HIST = "#3b6fb6", "#e08a2c", "#9bbbe0", "#3b6fb6"
 
@@ -229,11 +229,12 @@ def sqnr_chart(quantized: Sequence[Dict]) -> str:
               if isinstance(v, (int, float)) and math.isfinite(v)]
     top = max([SQNR_GOOD_DB + 10.0] + finite)
     top = 10.0 * math.ceil(top / 10.0)
-    label_w, plot_w, row_h = 300, 520, 18
+    label_w, plot_w, row_h = 340, 500, 18
     height = 28 + row_h * len(rows) + 24
+    total_h = height + 10
     x = lambda db: label_w + plot_w * min(max(db, 0.0), top) / top  # noqa: E731
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 70}" '
-             f'height="{height}" role="img" aria-label="SQNR per layer">']
+             f'height="{total_h}" role="img" aria-label="SQNR per layer">']
     for tick in range(0, int(top) + 1, 10):
         parts.append(f'<line x1="{x(tick):.1f}" y1="20" x2="{x(tick):.1f}" '
                      f'y2="{height - 22}" stroke="#ddd"/>'
@@ -241,13 +242,15 @@ def sqnr_chart(quantized: Sequence[Dict]) -> str:
     for ref, color in ((SQNR_POOR_DB, "#b00020"), (SQNR_GOOD_DB, "#2e7d32")):
         parts.append(f'<line x1="{x(ref):.1f}" y1="20" x2="{x(ref):.1f}" y2="{height - 22}" '
                      f'stroke="{color}" stroke-dasharray="4 3"/>')
-    parts.append(f'<text x="{label_w + plot_w + 4}" y="{height - 8}">dB</text>'
+    parts.append(f'<text x="{label_w + plot_w / 2}" y="{height + 6}" text-anchor="middle">'
+                 'SQNR dB (own value at the right)</text>'
                  f'<text x="{label_w}" y="12">SQNR of each int8 layer\'s output vs fp32 '
                  f'(dashed: {SQNR_POOR_DB:.0f} dB = 20% error, {SQNR_GOOD_DB:.0f} dB = 10%)</text>')
     for i, q in enumerate(rows):
         y = 24 + i * row_h
-        parts.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end">'
-                     f'<title>{_e(q["node"])}</title>{_e(_short(q["node"]))}</text>')
+        parts.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end" '
+                     f'font-family="monospace"><title>{_e(q["node"])}</title>'
+                     f'{_e(_short(q["node"], 46))}</text>')
         for j, (key, color) in enumerate((("own_sqnr_db", _OWN), ("accumulated_sqnr_db", _ACC))):
             value = q.get(key)
             if value is None:
