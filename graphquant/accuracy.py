@@ -1,11 +1,14 @@
 """The accuracy steps of :func:`graphquant.convert.convert` between calibration and quantization.
 
-    calibrate ─► [shift_signed_activations] ─► [bias corrections] ─► plan_ranges ─► int8 passes
+    [equalize_cross_layer] ─► calibrate ─► [shift_signed_activations] ─► [bias corrections]
+      ─► plan_ranges ─► int8 passes
 
 Each step is an fp32 rewrite that leaves the fp32 outputs unchanged, or a
 choice of int8 parameters kept in ``ctx.options``; :func:`convert` switches
 them with keywords:
 
+* ``equalize`` -- :mod:`graphquant.passes.equalize_cross_layer`: channels
+  between two convs rescaled where the expected noise at the second drops;
 * ``shift_signed`` -- :mod:`graphquant.passes.shift_signed_activations`:
   signed tensors read only by unpadded convs/matmuls become ``y - lo >= 0``
   (quint8: 255 steps over the data's span, and an unsigned input for the
@@ -30,6 +33,20 @@ from graphquant.pipeline import run_pipeline
 from graphquant.ranges import plan_ranges
 
 Range = Tuple[float, float]
+
+
+def before_calibration(fp32: graph_pb2.GraphDef, ctx, data, *, equalize: bool = True
+                       ) -> graph_pb2.GraphDef:
+    """The clean fp32 graph with the enabled fp32 identities that change what calibration
+    sees: cross-layer equalization (statistics of the tensors between pairs on ``data``)."""
+    if equalize:
+        from graphquant.passes.equalize_cross_layer import channel_statistics, find_pairs
+
+        pairs = find_pairs(fp32, ctx.protected)
+        ctx.options["channel_stats"] = channel_statistics(
+            fp32, [p.between for p in pairs], data)
+        fp32 = run_pipeline(fp32, ["equalize_cross_layer"], ctx)
+    return fp32
 
 
 def after_calibration(fp32: graph_pb2.GraphDef, ranges: Dict[str, Range], ctx, data, *,

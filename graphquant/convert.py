@@ -66,7 +66,7 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
             debug: bool = False, histograms: Optional[bool] = None,
             pair_weights: bool = False, shift_signed: bool = False,
             bias_correction: bool = False, fidelity=None, validation=None,
-            measure_fallback_speed: bool = False) -> ConversionResult:
+            measure_fallback_speed: bool = False, equalize: bool = False) -> ConversionResult:
     """Quantize ``graph`` (GraphDef or path) to int8, calibrating on ``calib``.
 
     ``calib``: a .npy (one input; first axis = samples), a .npz (one array per
@@ -97,6 +97,7 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
                      limit=calib_limit)
     tgt = target_mod.resolve(target)
     fp32 = run_pipeline(graph_def, CLEANUP_PIPELINE, ctx)
+    fp32 = accuracy.before_calibration(fp32, ctx, data, equalize=equalize)   # issue 6
 
     extra = {} if percentile is None else {"percentile": percentile}
     auto = calibration.startswith("auto")   # issue 6: graphquant/range_search.py
