@@ -44,9 +44,15 @@ def _main(capsys, *args):
     return code, out, err
 
 
-def _assert_clear_error(code, err, *needles):
+def _assert_clear_error(code, err, *needles, after_progress=False):
+    """Exit code 2 and one error with a fix; nothing else on stderr unless the failure came
+    after calibration started (then its progress lines come first)."""
     assert code == 2, err
-    assert err.startswith("graphquant: error: "), err
+    if after_progress:
+        assert all(line.startswith("calibrating ") for line in
+                   err[:err.find("graphquant: error: ")].splitlines()), err
+        err = err[err.find("graphquant: error: "):]
+    assert err.startswith("graphquant: error: ") and err.count("graphquant: error") == 1, err
     assert "\n  fix: " in err, err
     assert "Traceback" not in err
     for needle in needles:
@@ -549,3 +555,34 @@ def test_help_lists_convert_and_its_flags(capsys):
                  "--target=auto|avx2|vnni", "--exclude=a,b", "--report=FILE",
                  "--saved_model=DIR", "--[no]measure_speed"):
         assert flag in out
+
+
+# --------------------------------------------------------------------------- speed, atomicity
+def test_measure_speed_adds_a_labelled_quick_estimate(capsys, tiny, tmp_path):
+    src, calib, out = tiny
+    report = tmp_path / "r.json"
+    stdout, err, _ = _convert_ok(capsys, src, calib, out, "--measure_speed", "--report", report)
+    speed = json.loads(report.read_text())["speed"]
+    assert speed["fp32_ms"] > 0 and speed["int8_ms"] > 0 and speed["rounds"] >= 3
+    assert speed["speedup"] == pytest.approx(speed["fp32_ms"] / speed["int8_ms"])
+    assert "quick estimate" in speed["method"] and "tools/benchmark.py" in speed["method"]
+    assert "speed-up (quick estimate): " in stdout
+
+
+def test_a_failing_last_write_removes_the_outputs_already_written(capsys, tiny, tmp_path,
+                                                                   monkeypatch):
+    """Graph, SavedModel and report are all written or none is."""
+    from graphquant import report_render
+    from graphquant.errors import OutputPathError
+
+    def disk_full(report, path):
+        raise OutputPathError(f"writing '{path}' failed: No space left on device",
+                              "check the free disk space and permissions")
+
+    monkeypatch.setattr(report_render, "write_report", disk_full)
+    src, calib, out = tiny
+    before = _listing(tmp_path)
+    code, _, err = _main(capsys, "convert", src, "-o", out, "--calib", calib,
+                         "--report", tmp_path / "r.md", "--saved_model", tmp_path / "sm")
+    _assert_clear_error(code, err, "No space left on device", after_progress=True)
+    assert _listing(tmp_path) == before
