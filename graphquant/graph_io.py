@@ -24,7 +24,8 @@ from graphquant.graph import VARIABLE_OPS, node_name, suggest_names
 _TEXT_EXTENSIONS = (".pbtxt", ".txt", ".prototxt")
 _LOOP_BACK_EDGE_OPS = frozenset({"NextIteration", "RefNextIteration"})  # TF1 while loops
 _FREEZE_HOWTO = (
-    "freeze it first: for a Keras model or SavedModel run `python tools/export.py MODEL -o frozen.pb` "
+    "freeze it first: for a Keras model or SavedModel run "
+    "`python tools/export.py MODEL -o frozen.pb` "
     "(it calls tf.function + convert_variables_to_constants_v2); for a TF1 checkpoint use "
     "tf.compat.v1.graph_util.convert_variables_to_constants"
 )

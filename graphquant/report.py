@@ -135,11 +135,12 @@ class ConversionReport:
             lines.append(f"  {op}: {c['int8']} int8, {c['fp32']} fp32")
         other = Counter(q["op"] for q in self.quantized if q.get("op") not in COMPUTE_OPS)
         if other:
-            lines.append("  also int8: " + ", ".join(f"{n} {op}" for op, n in sorted(other.items())))
+            lines.append("  also int8: "
+                         + ", ".join(f"{n} {op}" for op, n in sorted(other.items())))
         left = Counter(f["op"] for f in self.fp32)
         if left:
-            lines.append("  left in fp32: " + ", ".join(f"{n} {op}" for op, n in
-                                                      sorted(left.items(), key=lambda kv: (-kv[1], kv[0]))))
+            ranked = sorted(left.items(), key=lambda kv: (-kv[1], kv[0]))
+            lines.append("  left in fp32: " + ", ".join(f"{n} {op}" for op, n in ranked))
         ratio = self.bytes_after / max(self.bytes_before, 1)
         lines.append(f"  size: {self.bytes_before / 1e6:.2f} MB -> {self.bytes_after / 1e6:.2f} MB "
                      f"({ratio:.2f}x)")

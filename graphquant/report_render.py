@@ -325,7 +325,8 @@ def to_html(report) -> str:
         own = q.get("own_sqnr_db")
         poor = isinstance(own, (int, float)) and own < SQNR_POOR_DB
         out_t = report.tensors.get(q.get("output_tensor", ""))
-        rows.append((str(i + 1), f"<code title='{_e(q['node'])}'>{_e(_short(q['node'], 60))}</code>",
+        name = f"<code title='{_e(q['node'])}'>{_e(_short(q['node'], 60))}</code>"
+        rows.append((str(i + 1), name,
                      _e(q.get("op", "")), _e(_fused(q)), _e(_range(q.get("input_range"))),
                      _e(_range(q.get("output_range"))),
                      range_strip(out_t, q.get("output_range")), _e(_weights(q)),

@@ -264,7 +264,8 @@ def test_const_only_graph_with_unhandled_op(capsys, tmp_path):
 
 # --------------------------------------------------------------------------- control flow
 def _cond_graph(v2: bool, conv_in_branch: bool = True):
-    """conv -> cond(mean(x) > 0.5: [conv] * 2 | y - 1) -> conv; TF1 Switch/Merge or functional If."""
+    """conv -> cond(mean(x) > 0.5: [conv] * 2 | y - 1) -> conv; TF1 Switch/Merge or
+    functional If."""
     t = tf()
 
     def fn(x):

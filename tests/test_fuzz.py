@@ -20,7 +20,6 @@ runs N times as many fresh random cases, for hunting bugs.
 import os
 import signal
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
