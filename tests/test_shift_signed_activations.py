@@ -186,3 +186,26 @@ def test_shift_lowers_int8_error_on_asymmetric_signed_input():
 
     plain = error()
     assert error(shift_signed=True, bias_correction=True, pair_weights=True) < 0.8 * plain
+
+
+@pytest.mark.parametrize("padding", ["SAME", "EXPLICIT"])
+def test_padded_conv_on_the_graph_input_pads_before_the_shift(padding):
+    t = tf()
+    pad = "SAME" if padding == "SAME" else [[0, 0], [1, 2], [0, 1], [0, 0]]
+
+    def body(x):
+        z = t.nn.relu(t.nn.bias_add(t.nn.conv2d(x, const(3, 3, 3, 8), 2, pad, name="first"),
+                                    const(8)))
+        return t.identity(z, name="out")
+
+    gd, outs = build_graph(body, x=[1, 11, 12, 3])
+    feeds = feeds_of([1, 11, 12, 3], offset=0.3)
+    out, ctx, ranges = shifted(gd, outs, feeds)
+    assert_same_outputs(gd, out, outs, feeds)
+    index = GraphIndex(out)
+    conv = next(n for n in out.node if n.op == "Conv2D")
+    assert conv.attr["padding"].s == b"VALID" and not list(conv.attr["explicit_paddings"].list.i)
+    shift = index.node(conv.input[0])
+    assert shift.op == "AddV2" and index.node(shift.input[0]).op == "Pad"
+    assert index.node(shift.input[0]).input[0] == "x"
+    assert ctx.options["ranges"][f"{shift.name}:0"][0] == 0.0

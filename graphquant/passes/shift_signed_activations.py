@@ -47,6 +47,9 @@ CONV_LIKE = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul"})
 TRANSPARENT = frozenset({"MaxPool", "AvgPool", "Reshape", "Transpose", "Squeeze", "ExpandDims",
                          "Identity"})
 # readers that would need the unshifted tensor in int8 (then y's producer keeps y)
+# producers whose output may already be int8: a padded reader keeps reading it as it is
+INT8_PRODUCERS = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul", "BiasAdd", "Relu",
+                            "Relu6", "MaxPool", "AvgPool", "ConcatV2"})
 INT8_READERS = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul", "ConcatV2", "MaxPool",
                           "AvgPool"})
 
@@ -112,9 +115,35 @@ class _Plan:
         self.transparent: List[str] = []                     # node names, in order
         self.direct: List[Tuple[str, int]] = []              # (reader, input index) to rewire
         self.others: List[str] = []                          # reader names
+        self.padded: List[Tuple[str, np.ndarray, List[int]]] = []   # (conv, weights, pads)
 
 
-def _plan(index: GraphIndex, tensor: str, shapes, protected) -> _Plan:
+def _padded_conv(index: GraphIndex, node, shapes) -> Optional[List[int]]:
+    """[top, bottom, left, right] zero padding of a Conv2D with Const weights that pads."""
+    if (node.op != "Conv2D" or node.attr["T"].type != types_pb2.DT_FLOAT
+            or node.attr["data_format"].s not in (b"", b"NHWC")
+            or index.node(node.input[1]).op != "Const"):
+        return None
+    if node.attr["padding"].s == b"EXPLICIT":
+        p = list(node.attr["explicit_paddings"].list.i)
+        return p[2:6] if any(p) and not any(p[:2] + p[6:]) else None
+    if node.attr["padding"].s != b"SAME":
+        return None
+    x_shape = (shapes or {}).get(node_name(node.input[0]))
+    w_shape = index.node(node.input[1]).attr["value"].tensor.tensor_shape.dim
+    if not x_shape or x_shape[1] is None or x_shape[2] is None:
+        return None
+    strides = list(node.attr["strides"].list.i) or [1, 1, 1, 1]
+    dil = list(node.attr["dilations"].list.i) or [1, 1, 1, 1]
+    pads = []
+    for axis in (1, 2):
+        total = _pads(x_shape[axis], w_shape[axis - 1].size, strides[axis], dil[axis])
+        pads += [total // 2, total - total // 2]
+    return pads if any(pads) else None
+
+
+def _plan(index: GraphIndex, tensor: str, shapes, protected, top: bool = True) -> _Plan:
+    """``top``: readers of the tensor itself (padded convs are only taken there)."""
     plan = _Plan()
     for reader, i in index.consumers(canonical_tensor(tensor)):
         weights = _absorbing_weights(index, reader, shapes) if i == 0 else None
@@ -122,10 +151,14 @@ def _plan(index: GraphIndex, tensor: str, shapes, protected) -> _Plan:
             plan.absorbing.append((reader.name, weights))
             plan.direct.append((reader.name, i))
             continue
+        pads = _padded_conv(index, reader, shapes) if i == 0 and top else None
+        if pads is not None:
+            plan.padded.append((reader.name, const_value(index.node(reader.input[1])), pads))
+            continue
         if (reader.op in TRANSPARENT and i == 0 and reader.name not in protected
                 and reader.attr["T"].type == types_pb2.DT_FLOAT
                 and reader.attr["data_format"].s in (b"", b"NHWC")):
-            sub = _plan(index, f"{reader.name}:0", shapes, protected)
+            sub = _plan(index, f"{reader.name}:0", shapes, protected, top=False)
             if sub.absorbing and not sub.others:
                 plan.absorbing += sub.absorbing
                 plan.transparent += [reader.name] + sub.transparent
@@ -209,12 +242,15 @@ def shift_tensor(graph_def: graph_pb2.GraphDef, tensor: str, lo: float, ranges, 
     """Shift ``tensor`` by ``-lo`` for the readers that absorb it; (graph, mode or None)."""
     index = GraphIndex(graph_def)
     plan = _plan(index, tensor, shapes, protected)
-    if not plan.absorbing:
+    t = parse_tensor_name(tensor)
+    if index.node(t.node).op in INT8_PRODUCERS:
+        plan.others += [name for name, _, _ in plan.padded]   # no fp32 round trip for them
+        plan.padded = []
+    if not plan.absorbing and not plan.padded:
         return graph_def, None
     ed = _Editor(graph_def)
-    t = parse_tensor_name(tensor)
     hi = ranges[canonical_tensor(tensor)][1]
-    producer = _fold_producer(index, tensor, plan, protected)
+    producer = _fold_producer(index, tensor, plan, protected) if not plan.padded else None
     if producer is not None:
         mode = "folded into the producer's bias"
         shifted = producer
@@ -245,7 +281,32 @@ def shift_tensor(graph_def: graph_pb2.GraphDef, tensor: str, lo: float, ranges, 
             ranges[key] = (max(0.0, float(r_lo - lo)), float(r_hi - lo))
     for reader, weights in plan.absorbing:
         _add_to_bias(ed, index, reader, lo * weight_sums(index.node(reader), weights))
-    return ed.graph, f"{mode} (shift {-lo:.4g}, {len(plan.absorbing)} readers absorb it)"
+    for reader, weights, pads in plan.padded:
+        _pad_first(ed, str(t), reader, pads, lo, ranges, hi)
+        _add_to_bias(ed, index, reader, lo * weight_sums(index.node(reader), weights))
+    if plan.padded:
+        mode += f"; zero padding made explicit before the shift for {len(plan.padded)} convs"
+    return ed.graph, (f"{mode} (shift {-lo:.4g}, "
+                      f"{len(plan.absorbing) + len(plan.padded)} readers absorb it)")
+
+
+def _pad_first(ed: _Editor, tensor: str, reader: str, pads: List[int], lo: float, ranges,
+               hi: float) -> None:
+    """reader(pad(x)) as Pad(x) -> AddV2(-lo) -> reader with VALID padding."""
+    pad = ed.fresh(f"{reader}/pad")
+    paddings = make_const(ed.fresh(f"{pad}/paddings"),
+                          np.array([[0, 0], pads[0:2], pads[2:4], [0, 0]], np.int32))
+    ed.add(paddings)
+    ed.add(make_node("Pad", pad, [tensor, paddings.name], T=np.float32, Tpaddings=np.int32))
+    shifted = ed.fresh(f"{pad}/shifted")
+    ed.add(make_node("AddV2", shifted, [pad, ed.const(f"{shifted}/minus_lo", -lo)],
+                     T=np.float32))
+    conv = ed.nodes[reader]
+    conv.input[0] = shifted
+    conv.attr["padding"].s = b"VALID"
+    if "explicit_paddings" in conv.attr:
+        del conv.attr["explicit_paddings"].list.i[:]
+    ranges[canonical_tensor(shifted)] = (0.0, float(hi - lo))
 
 
 def _add_to_bias_or_self(ed: _Editor, index: GraphIndex, producer: str, delta: float) -> None:
