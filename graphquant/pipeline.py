@@ -51,6 +51,7 @@ ISLAND_PASSES: List[str] = [
     "quantize_pool",
     "quantize_concat",
     "quantize_pool",
+    "quantize_pad",
 ]
 JOIN_PASSES: List[str] = [
     "remove_dequantize_quantize_pairs",

@@ -4,7 +4,8 @@ Calibration measures every float tensor that enters or leaves an op the int8
 passes may rewrite.  :func:`plan_ranges` then makes ranges agree where int8 ops
 need them equal, so that no requantization is needed between them:
 
-* MaxPool / AvgPool output = input range (the quantized pools pass it through);
+* MaxPool / AvgPool / Pad output = input range (the quantized pools and the
+  integer Pad pass it through);
 * every ConcatV2 input and its output share one range (the union), so the
   quantized concat is a plain copy and each producer requantizes straight
   into it -- unless the inputs' ranges differ by more than
@@ -26,9 +27,9 @@ from graphquant.graph import GraphIndex, canonical_tensor, data_inputs, dtype_of
 
 QUANTIZABLE_OPS = frozenset({
     "Conv2D", "DepthwiseConv2dNative", "MatMul", "BiasAdd", "Relu", "Relu6", "Add", "AddV2",
-    "MaxPool", "AvgPool", "ConcatV2",
+    "MaxPool", "AvgPool", "ConcatV2", "Pad",
 })
-RANGE_PRESERVING_OPS = frozenset({"MaxPool", "AvgPool"})
+RANGE_PRESERVING_OPS = frozenset({"MaxPool", "AvgPool", "Pad"})  # Pad: zeros, always in range
 CONCAT_MAX_RATIO = 8.0  # the smallest input keeps at least 255/8 = 32 steps
 
 Range = Tuple[float, float]
