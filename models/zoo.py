@@ -453,18 +453,9 @@ def main(argv):
 
 
 def run():
-    from absl import app
+    from tools import common  # the repository root is on sys.path for `python -m models.zoo`
 
-    _define_flags()
-
-    def _main(argv):
-        try:
-            main(argv)
-        except GraphQuantError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(_main)
+    common.run_app(main, _define_flags)
 
 
 if __name__ == "__main__":

@@ -261,18 +261,9 @@ def _define_flags():
 
 
 def run():
-    from absl import app
+    from tools import common
 
-    _define_flags()
-
-    def _main(argv):
-        try:
-            main(argv)
-        except GraphQuantError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(_main)
+    common.run_app(main, _define_flags)
 
 
 if __name__ == "__main__":
