@@ -65,6 +65,9 @@ CONFIGS: Dict[str, dict] = {
     "all": {"shift_signed": True, "pair_weights": True, "bias_correction": True},
     "all_auto": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
                  "calibration": "auto"},
+    "auto_pairs": {"pair_weights": True, "calibration": "auto"},
+    "auto_pairs_bc": {"pair_weights": True, "bias_correction": True, "calibration": "auto"},
+    "auto_shift_pairs": {"shift_signed": True, "pair_weights": True, "calibration": "auto"},
     "cle": {"equalize": True},
     "all_auto_cle": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
                      "calibration": "auto", "equalize": True},
@@ -92,6 +95,18 @@ CONFIGS: Dict[str, dict] = {
                      "fidelity": {"top1": 0.99}, "validation": "eval"},
     "all_fid_rel": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
                     "fidelity": {"rel_l2": 0.02}, "validation": "eval"},
+    # validated on the first half of the held-out samples, evaluated on the other half
+    # (one-sample models: validated and evaluated on that sample)
+    "fid_top1_split": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
+                       "calibration": "auto", "fidelity": {"top1": 0.99}, "validation": "split"},
+    "fid_rel02_split": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
+                        "calibration": "auto", "fidelity": {"rel_l2": 0.02},
+                        "validation": "split"},
+    "fid_rel05_split": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
+                        "calibration": "auto", "fidelity": {"rel_l2": 0.05},
+                        "validation": "split"},
+    "all_auto_split": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
+                       "calibration": "auto", "validation": "split_only"},
 }
 
 
@@ -140,14 +155,26 @@ def measure(name: str, configs: List[str], zoo_eval: int, log=print) -> List[Dic
     for config in configs:
         start = time.time()
         kwargs = dict(CONFIGS[config])
+        held, ref = evals, reference
         if kwargs.get("validation") == "eval":
             kwargs["validation"] = evals
+        elif kwargs.get("validation") == "split" and len(evals) > 1:
+            half = len(evals) // 2                   # validate on one half, evaluate the other
+            kwargs["validation"], held = evals[:half], evals[half:]
+            ref = [r[half * (len(r) // len(evals)):] for r in reference]
+        elif kwargs.get("validation") == "split":
+            kwargs["validation"] = evals
+        if kwargs.get("validation") == "split_only":
+            del kwargs["validation"]
+            if len(evals) > 1:
+                half = len(evals) // 2
+                held, ref = evals[half:], [r[half * (len(r) // len(evals)):] for r in reference]
         result = convert(graph_def, calib, outputs=outs, **kwargs)
         seconds = time.time() - start
-        got = run_all(result.graph_def, outs, evals)
-        row = {"model": name, "config": config, "calib": len(calib), "eval": len(evals),
+        got = run_all(result.graph_def, outs, held)
+        row = {"model": name, "config": config, "calib": len(calib), "eval": len(held),
                "convert_seconds": round(seconds, 1), "outputs": {}}
-        for out, r, c in zip(outs, reference, got):
+        for out, r, c in zip(outs, ref, got):
             entry = {"rel_l2": metrics.relative_l2(r, c)}
             if metrics.is_classification(r) and r.shape[1] <= 1000 and "Sigmoid" not in out:
                 entry["top1"] = metrics.topk_agreement(r, c, 1)

@@ -176,6 +176,7 @@ class _Editor:
         self.graph = graph_pb2.GraphDef()
         self.graph.CopyFrom(graph_def)
         self.nodes = {n.name: n for n in self.graph.node}
+        self.fp32_ops: List[Tuple[str, str]] = []    # (node, why) of the fp32 ops added
 
     def fresh(self, base: str) -> str:
         name, k = base, 1
@@ -238,8 +239,10 @@ def _add_to_bias(ed: _Editor, index: GraphIndex, conv: str, delta: np.ndarray,
 
 
 def shift_tensor(graph_def: graph_pb2.GraphDef, tensor: str, lo: float, ranges, shapes,
-                 protected) -> Tuple[graph_pb2.GraphDef, Optional[str]]:
-    """Shift ``tensor`` by ``-lo`` for the readers that absorb it; (graph, mode or None)."""
+                 protected, added: Optional[List[Tuple[str, str]]] = None
+                 ) -> Tuple[graph_pb2.GraphDef, Optional[str]]:
+    """Shift ``tensor`` by ``-lo`` for the readers that absorb it; (graph, mode or None).
+    ``added`` collects (node, why) for every fp32 op added (AddV2, Pad)."""
     index = GraphIndex(graph_def)
     plan = _plan(index, tensor, shapes, protected)
     t = parse_tensor_name(tensor)
@@ -259,6 +262,8 @@ def shift_tensor(graph_def: graph_pb2.GraphDef, tensor: str, lo: float, ranges, 
             back = ed.fresh(f"{t.node}/unshifted")
             ed.add(make_node("AddV2", back, [t.node, ed.const(f"{back}/lo", lo)],
                              T=np.float32))
+            ed.fp32_ops.append((back, f"adds {lo:.4g} back to the shifted {t.node} for its "
+                                      "other readers"))
             for reader in plan.others:
                 node = ed.nodes[reader]
                 for i, inp in enumerate(node.input):
@@ -271,6 +276,8 @@ def shift_tensor(graph_def: graph_pb2.GraphDef, tensor: str, lo: float, ranges, 
         shifted = ed.fresh(f"{t.node}/shifted")
         ed.add(make_node("AddV2", shifted, [str(t), ed.const(f"{shifted}/minus_lo", -lo)],
                          T=np.float32))
+        ed.fp32_ops.append((shifted, f"shifts {t.node} by {-lo:.4g} so its int8 readers "
+                                     "take it unsigned"))
         for reader, i in plan.direct:
             ed.rewire(reader, i, shifted)
         ranges[canonical_tensor(shifted)] = (0.0, float(hi - lo))
@@ -286,6 +293,8 @@ def shift_tensor(graph_def: graph_pb2.GraphDef, tensor: str, lo: float, ranges, 
         _add_to_bias(ed, index, reader, lo * weight_sums(index.node(reader), weights))
     if plan.padded:
         mode += f"; zero padding made explicit before the shift for {len(plan.padded)} convs"
+    if added is not None:
+        added += ed.fp32_ops
     return ed.graph, (f"{mode} (shift {-lo:.4g}, "
                       f"{len(plan.absorbing) + len(plan.padded)} readers absorb it)")
 
@@ -298,9 +307,12 @@ def _pad_first(ed: _Editor, tensor: str, reader: str, pads: List[int], lo: float
                           np.array([[0, 0], pads[0:2], pads[2:4], [0, 0]], np.int32))
     ed.add(paddings)
     ed.add(make_node("Pad", pad, [tensor, paddings.name], T=np.float32, Tpaddings=np.int32))
+    ed.fp32_ops.append((pad, f"{reader}'s zero padding, made explicit before the shift"))
     shifted = ed.fresh(f"{pad}/shifted")
     ed.add(make_node("AddV2", shifted, [pad, ed.const(f"{shifted}/minus_lo", -lo)],
                      T=np.float32))
+    ed.fp32_ops.append((shifted, f"shifts {reader}'s padded input by {-lo:.4g} (unsigned "
+                                 "int8 input)"))
     conv = ed.nodes[reader]
     conv.input[0] = shifted
     conv.attr["padding"].s = b"VALID"
@@ -344,9 +356,13 @@ def shift_signed_activations(graph_def, ctx):
         lo = ranges[tensor][0]       # an earlier shift may have moved it (pools, reshapes)
         if lo >= 0:
             continue
-        graph_def, how = shift_tensor(graph_def, tensor, lo, ranges, shapes, ctx.protected)
+        added: List[Tuple[str, str]] = []
+        graph_def, how = shift_tensor(graph_def, tensor, lo, ranges, shapes, ctx.protected,
+                                      added)
         if how:
             ctx.note(PASS, node_name(tensor), f"signed tensor stored as y - ({lo:.4g}) >= 0: "
                      + how)
+        for name, why in added:
+            ctx.note(PASS, name, f"fp32 op added by {PASS}: {why}", kind="fp32")
     ctx.options["ranges"] = ranges
     return graph_def
