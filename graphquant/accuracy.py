@@ -23,11 +23,12 @@ them with keywords:
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from tensorflow.core.framework import graph_pb2
 
 from graphquant.bias_correction import bias_corrections
+from graphquant.calibrate import CalibrationStats, collect_statistics
 from graphquant.execute import tensor_shapes
 from graphquant.pipeline import run_pipeline
 from graphquant.ranges import plan_ranges
@@ -50,14 +51,21 @@ def before_calibration(fp32: graph_pb2.GraphDef, ctx, data, *, equalize: bool = 
 
 
 def after_calibration(fp32: graph_pb2.GraphDef, ranges: Dict[str, Range], ctx, data, *,
-                      shift_signed: bool = True, bias_correction: bool = True
+                      shift_signed: bool = True, bias_correction: bool = True,
+                      stats: Optional[CalibrationStats] = None
                       ) -> Tuple[graph_pb2.GraphDef, Dict[str, Range]]:
     """(fp32 graph, calibrated ranges) after the enabled steps; ``ctx`` gets their notes
-    and ``ctx.options['bias_corrections']``.  ``data``: the calibration feeds."""
+    and ``ctx.options['bias_corrections']``.  ``data``: the calibration feeds.  ``stats``
+    (the calibration statistics) gets those of the tensors the shift makes, measured on
+    ``data`` (the report shows every int8 input's statistics)."""
     if shift_signed:
         ctx.options.update(ranges=dict(ranges), shapes=tensor_shapes(fp32))
         fp32 = run_pipeline(fp32, ["shift_signed_activations"], ctx)
         ranges = ctx.options["ranges"]
+        if stats is not None:
+            new = sorted(t for t in ranges if t not in stats.tensors)
+            if new:
+                stats.tensors.update(collect_statistics(fp32, new, data).tensors)
     if bias_correction:
         ctx.options["bias_corrections"] = bias_corrections(fp32, plan_ranges(fp32, ranges),
                                                            data, ctx)

@@ -32,7 +32,7 @@ def test_every_conv_is_int8_and_the_report_says_so(converted):
     ops = {n.op for n in result.graph_def.node}
     assert not ops & {"Conv2D", "DepthwiseConv2dNative", "MaxPool"}
     left = {f["op"] for f in result.report.fp32}
-    assert left <= {"AddV2", "Mean", "Softmax"}
+    assert left <= {"AddV2", "Mean", "Softmax", "Pad"}     # Pad, AddV2: shifts (issue 6)
     assert all(f["reason"] for f in result.report.fp32)
     info = graph_info(result.graph_def)
     assert info["target"] == "avx2" and info["weight_max_level"] == 63
