@@ -228,3 +228,17 @@ def test_graph_output_is_never_offset():
     assert GraphIndex(out).nodes["s"].op == "AddV2"
     ref = run_graph(gd, {"x:0": x}, ["s:0"])[0]
     assert np.allclose(run_graph(out, {"x:0": x}, ["s:0"])[0], ref, atol=1e-5)
+
+
+def test_convert_keeps_the_sum_fusions_when_signed_tensors_are_shifted_too():
+    """convert runs this pass before shift_signed_activations (issue 6), which would
+    otherwise move the stream's tensors for their 1x1 readers and leave the Adds fp32."""
+    from graphquant.convert import convert
+
+    gd, outs = _stream_graph()
+    feeds = [_inputs() for _ in range(2)]
+    for shift in (False, True):
+        result = convert(gd, feeds, outputs=outs, target="avx2", shift_signed=shift)
+        sums = [n for n in result.graph_def.node
+                if b"Sum" in list(n.attr["fused_ops"].list.s)]
+        assert len(sums) == 2, shift

@@ -262,7 +262,6 @@ def offset_residual_summands(graph_def, ctx):
     out = graph_pb2.GraphDef()
     out.versions.CopyFrom(graph_def.versions)
     out.library.CopyFrom(graph_def.library)
-    sums = {}  # stream Add name -> its new name (a Relu takes the old one)
     for original in graph_def.node:
         node = out.node.add()
         node.CopyFrom(original)
@@ -279,15 +278,13 @@ def offset_residual_summands(graph_def, ctx):
         del node.input[:]
         node.input.extend([res.o, res.u] + controls)
         if res.add.name in chosen:      # a stream Add: a Relu (exact in range) takes its name
-            sums[res.add.name] = node.name = fresh(f"{res.add.name}/sum")
+            node.name = fresh(f"{res.add.name}/sum")   # no range: nothing reads it as int8
             out.node.add().CopyFrom(make_node("Relu", res.add.name, [node.name], T=np.float32))
     for name, d in moved.items():
         key = canonical_tensor(name)
         if key in ranges and d:
             lo, hi = ranges[key]
             ranges[key] = (max(0.0, lo + d) if name in chosen else lo + d, hi + d)
-    for name, new in sums.items():
-        ranges[canonical_tensor(new)] = ranges[canonical_tensor(name)]
     for t in sorted(chosen):
         ctx.note(PASS, t, f"carried with offset {offset[t]:.4g} (calibrated minimum "
                  f"{-offset[t]:.4g}) so the residual Add it feeds runs in int8")
