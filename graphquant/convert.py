@@ -59,19 +59,19 @@ class ConversionResult:
 
 
 def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outputs=None,
-            calibration: str = "minmax", per_tensor: bool = False, target: str = "auto",
+            calibration: str = "auto", per_tensor: bool = False, target: str = "auto",
             exclude: Sequence[str] = (), image_spec=None, calib_limit: Optional[int] = None,
             percentile: Optional[float] = None, max_layer_error: Optional[float] = 0.2,
             progress: Optional[Callable[[int, Optional[int]], None]] = None,
             debug: bool = False, histograms: Optional[bool] = None,
-            pair_weights: bool = False, shift_signed: bool = False,
-            bias_correction: bool = False, fidelity=None, validation=None,
+            pair_weights: bool = True, shift_signed: bool = True,
+            bias_correction: bool = True, fidelity=None, validation=None,
             measure_fallback_speed: bool = False, equalize: bool = False) -> ConversionResult:
     """Quantize ``graph`` (GraphDef or path) to int8, calibrating on ``calib``.
 
     ``calib``: a .npy (one input; first axis = samples), a .npz (one array per
     input name), a folder of images (with ``image_spec``), or an iterable of
-    arrays / feed dicts.  ``calibration``: minmax, kl, percentile or mse.
+    arrays / feed dicts.  ``calibration``: auto (default), minmax, kl, percentile or mse.
     ``target``: auto (this CPU), avx2 or vnni.  ``exclude``: node names or op
     types to keep in fp32.  ``max_layer_error``: an int8 island whose own
     relative L2 error on the calibration data exceeds it is kept in fp32 (the
@@ -117,7 +117,7 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     ranges = ctx.options["ranges"]
     fp32, ranges = accuracy.after_calibration(fp32, ranges, ctx, data,   # issue 6: accuracy.py
                                               shift_signed=shift_signed,
-                                              bias_correction=bias_correction)
+                                              bias_correction=bias_correction, stats=stats)
     ctx.options.update(ranges=plan_ranges(fp32, ranges), shapes=tensor_shapes(fp32))
     errors, probe_notes = _measure_islands(fp32, ctx, data)
     if max_layer_error is not None:
