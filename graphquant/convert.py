@@ -131,7 +131,7 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
         ctx.options["exclude"] = set(ctx.options.get("exclude") or ()) | fid.exclude
     islands = run_pipeline(fp32, ISLAND_PASSES, ctx)
     int8 = run_pipeline(islands, JOIN_PASSES, ctx)
-    if shift_signed:   # issue 6: the shifts' fp32 AddV2s into their QuantizeV2s (MIN_FIRST)
+    if shift_signed:   # issue 6: the shifts' fp32 AddV2s into their QuantizeV2s
         int8 = run_pipeline(int8, ["fold_shift_into_quantize", "remove_unused_nodes"], ctx)
     for note in ctx.notes_of("int8"):
         if note["node"] in errors:

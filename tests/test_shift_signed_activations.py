@@ -7,7 +7,6 @@ from graphquant.calibrate import calibrate
 from graphquant.convert import convert
 from graphquant.execute import GraphRunner, tensor_shapes
 from graphquant.graph import GraphIndex, canonical_tensor
-from graphquant.passes.shift_signed_activations import nudged_lo
 from graphquant.pipeline import PassContext, run_pipeline
 from graphquant.ranges import calibration_tensors
 from graphquant.runtime import tf
@@ -124,18 +123,6 @@ def test_padded_conv_readers_and_graph_outputs_are_left_alone():
     assert index.node("out_y").input[0] == "y"
 
 
-@pytest.mark.parametrize("lo,hi", [(-1.5, 2.5), (-0.001, 10.0), (-3.0, 0.01), (-2.0, -0.5)])
-def test_nudged_lo_covers_the_range_with_a_whole_number_of_steps_below_zero(lo, hi):
-    new = nudged_lo(lo, hi)
-    assert new <= lo + (hi - lo) * 1e-6
-    if hi > 0 and new != lo:
-        zero_point = -new * 255 / (hi - new)
-        assert zero_point == pytest.approx(round(zero_point), abs=1e-9)
-        assert (lo - new) <= (hi - new) / 255 * 1.0001 or round(zero_point) == 1
-    else:                      # nothing above 0, or zero point 255: left as it is
-        assert new == lo and (hi <= 0 or -lo * 255 / (hi - lo) > 254)
-
-
 def test_no_signed_tensor_no_change():
     t = tf()
 
@@ -153,9 +140,8 @@ def test_int8_reader_takes_quint8_and_is_exact_on_grid_data():
     """Input on the quint8 grid of [lo, hi], weights exactly representable: the int8
     graph's only error is rounding its output (at most one output step)."""
     t = tf()
-    lo, hi = nudged_lo(-1.5, 2.5), 2.5          # a whole number of steps below 0
+    lo, hi = -1.5, 2.5
     step = (hi - lo) / 255
-    assert nudged_lo(lo, hi) == pytest.approx(lo, abs=1e-12)
     w_levels = RNG.integers(-60, 61, (1, 1, 8, 6)).astype(np.float32)
     w_levels[..., 0, :] = 60                        # every output channel reaches its max
     w = w_levels * np.float32(0.01)
@@ -175,7 +161,7 @@ def test_int8_reader_takes_quint8_and_is_exact_on_grid_data():
     conv = next(n for n in result.graph_def.node if n.op == "_FusedQuantizedConv2D")
     assert conv.attr["Tinput"].type == 12                   # DT_QUINT8
     quantize = next(n for n in result.graph_def.node if n.op == "QuantizeV2")
-    assert quantize.attr["mode"].s == b"MIN_FIRST" and quantize.input[0] == "x"   # folded
+    assert quantize.attr["mode"].s == b"MIN_COMBINED" and quantize.input[0] == "x"   # folded
     ref, got = GraphRunner(gd, outs), GraphRunner(result.graph_def, outs)
     out_range = max(abs(v) for x in xs for v in (ref({"x:0": x})[0].min(),
                                                  ref({"x:0": x})[0].max()))

@@ -25,10 +25,9 @@ shifted tensor is quint8 over ``[0, hi - lo]``: 255 steps over the data's span
 instead of 127 over half of ``[-R, R]``, and the reader's input is unsigned,
 so it gets 8-bit weights where the target allows (:mod:`graphquant.pair_weights`).
 
-Where an AddV2 is inserted, ``lo`` is first nudged down by less than a step so
-that ``-lo`` is a whole number of steps:
-:mod:`graphquant.passes.fold_shift_into_quantize` then moves the AddV2 into
-the QuantizeV2 (MIN_FIRST mode) after quantization.
+Where an AddV2 is inserted before a QuantizeV2,
+:mod:`graphquant.passes.fold_shift_into_quantize` moves it into the QuantizeV2
+(MIN_COMBINED mode) after quantization.
 
 Runs after calibration on the clean fp32 graph with the calibrated (unplanned)
 ranges in ``ctx.options['ranges']``; adds the ranges of the tensors it makes
@@ -37,7 +36,6 @@ and moves the ranges of the shifted ones.  Graph outputs are never shifted.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -244,18 +242,6 @@ def _add_to_bias(ed: _Editor, index: GraphIndex, conv: str, delta: np.ndarray,
                      T=np.float32))
 
 
-def nudged_lo(lo: float, hi: float) -> float:
-    """``lo' <= lo`` with ``-lo' * 255 / (hi - lo')`` an integer, so a QuantizeV2 in
-    MIN_FIRST mode can do the shift (:mod:`graphquant.passes.fold_shift_into_quantize`);
-    ``lo`` itself when ``hi <= 0`` or the zero point would be 255."""
-    if hi <= 0 or lo >= 0:
-        return lo
-    zero_point = math.ceil(-lo * 255.0 / (hi - lo) - 1e-4)   # float32 data: within 1e-4 step
-    if zero_point >= 255:
-        return lo
-    return -zero_point * hi / (255.0 - zero_point)
-
-
 def shift_tensor(graph_def: graph_pb2.GraphDef, tensor: str, lo: float, ranges, shapes,
                  protected, added: Optional[List[Tuple[str, str]]] = None
                  ) -> Tuple[graph_pb2.GraphDef, Optional[str]]:
@@ -272,8 +258,6 @@ def shift_tensor(graph_def: graph_pb2.GraphDef, tensor: str, lo: float, ranges, 
     ed = _Editor(graph_def)
     hi = ranges[canonical_tensor(tensor)][1]
     producer = _fold_producer(index, tensor, plan, protected) if not plan.padded else None
-    if producer is None:
-        lo = nudged_lo(lo, hi)
     if producer is not None:
         mode = "folded into the producer's bias"
         shifted = producer
