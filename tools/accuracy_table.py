@@ -54,59 +54,38 @@ REAL = {
 }
 CALIB_SAMPLES = 16
 
+#: convert() keywords before issue 6's techniques (the configs below start from it)
+OLD = {"calibration": "minmax", "pair_weights": False, "shift_signed": False,
+       "bias_correction": False, "equalize": False}
+#: issue 6's default: auto ranges, pair-limited 8-bit weights, shifted signed tensors, bias
+#: correction
+NEW = dict(OLD, calibration="auto", pair_weights=True, shift_signed=True, bias_correction=True)
+
+
+def _fid(target, validation="split"):
+    return dict(NEW, fidelity=target, validation=validation)
+
+
 #: config name -> convert() keywords
 CONFIGS: Dict[str, dict] = {
-    "default": {},
-    "minmax": {"calibration": "minmax"},
-    "auto": {"calibration": "auto"},
-    "auto1": {"calibration": "auto1"},
-    "all_auto1": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
-                  "calibration": "auto1"},
-    "all": {"shift_signed": True, "pair_weights": True, "bias_correction": True},
-    "all_auto": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
-                 "calibration": "auto"},
-    "auto_pairs": {"pair_weights": True, "calibration": "auto"},
-    "auto_pairs_bc": {"pair_weights": True, "bias_correction": True, "calibration": "auto"},
-    "auto_shift_pairs": {"shift_signed": True, "pair_weights": True, "calibration": "auto"},
-    "cle": {"equalize": True},
-    "all_auto_cle": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
-                     "calibration": "auto", "equalize": True},
-    "all_mse": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
-                "calibration": "mse"},
-    "mse": {"calibration": "mse"},
-    "kl": {"calibration": "kl"},
-    "no_fallback": {"max_layer_error": None},
-    "pairs": {"pair_weights": True},
-    "pairs_mse": {"pair_weights": True, "calibration": "mse"},
-    "shift": {"shift_signed": True},
-    "shift_pairs": {"shift_signed": True, "pair_weights": True},
-    "shift_pairs_mse": {"shift_signed": True, "pair_weights": True, "calibration": "mse"},
-    "bc": {"bias_correction": True},
-    "pairs_bc": {"pair_weights": True, "bias_correction": True},
-    "shift_bc": {"shift_signed": True, "bias_correction": True},
-    "shift_pairs_bc": {"shift_signed": True, "pair_weights": True, "bias_correction": True},
-    "shift_pairs_bc_mse": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
-                           "calibration": "mse"},
-    # fidelity: validated on the evaluation samples themselves (the target is then met there
-    # by construction; the row shows how many islands it took)
-    "fid_top1": {"fidelity": {"top1": 0.99}, "validation": "eval"},
-    "fid_rel": {"fidelity": {"rel_l2": 0.02}, "validation": "eval"},
-    "all_fid_top1": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
-                     "fidelity": {"top1": 0.99}, "validation": "eval"},
-    "all_fid_rel": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
-                    "fidelity": {"rel_l2": 0.02}, "validation": "eval"},
-    # validated on the first half of the held-out samples, evaluated on the other half
-    # (one-sample models: validated and evaluated on that sample)
-    "fid_top1_split": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
-                       "calibration": "auto", "fidelity": {"top1": 0.99}, "validation": "split"},
-    "fid_rel02_split": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
-                        "calibration": "auto", "fidelity": {"rel_l2": 0.02},
-                        "validation": "split"},
-    "fid_rel05_split": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
-                        "calibration": "auto", "fidelity": {"rel_l2": 0.05},
-                        "validation": "split"},
-    "all_auto_split": {"shift_signed": True, "pair_weights": True, "bias_correction": True,
-                       "calibration": "auto", "validation": "split_only"},
+    "default": {},                                   # whatever convert() defaults to now
+    "old_default": OLD,
+    "minmax": OLD, "mse": dict(OLD, calibration="mse"), "kl": dict(OLD, calibration="kl"),
+    "auto": dict(OLD, calibration="auto"),
+    "auto_pairs": dict(OLD, calibration="auto", pair_weights=True),
+    "auto_pairs_bc": dict(OLD, calibration="auto", pair_weights=True, bias_correction=True),
+    "auto_shift_pairs": dict(OLD, calibration="auto", pair_weights=True, shift_signed=True),
+    "all": dict(NEW, calibration="minmax"),
+    "all_auto": NEW,
+    "all_auto_cle": dict(NEW, equalize=True),
+    "no_fallback": dict(OLD, max_layer_error=None),
+    "all_auto_no_fallback": dict(NEW, max_layer_error=None),
+    # fidelity, validated on the first half of the held-out samples and evaluated on the
+    # other half (one-sample models: validated and evaluated on that sample)
+    "fid_top1_split": _fid({"top1": 0.99}),
+    "fid_rel05_split": _fid({"rel_l2": 0.05}),
+    "fid_rel02_split": _fid({"rel_l2": 0.02}),
+    "all_auto_split": dict(NEW, validation="split_only"),
 }
 
 
