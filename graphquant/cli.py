@@ -3,7 +3,8 @@
     graphquant optimize IN.pb -o OUT.pb [--inputs a,b] [--outputs x:0,y:0] [--debug]
     graphquant inspect IN.pb [--inputs ...] [--outputs ...]
     graphquant convert IN.pb -o OUT.pb --calib DATA [--report FILE.md|.html|.json]
-                       [--saved_model DIR] [--calibration=kl] [--measure_speed] ...
+                       [--saved_model DIR] [--calibration=kl] [--measure_speed]
+                       [--fidelity top1=0.99 --validation DATA] ...
 
 The first argument names the subcommand; flags (absl) are defined once below
 and each subcommand lists the ones it takes.  A new subcommand is one function
@@ -48,8 +49,9 @@ flags.DEFINE_bool("all", False, "List every int8 candidate, not only the first 2
 flags.DEFINE_string("calib", None, "Calibration data: a .npy (one input, first axis = samples), "
                     "a .npz (one array per input name) or a folder of images (with "
                     "--image_spec).", flag_values=FLAGS)
-flags.DEFINE_enum("calibration", "minmax", ["minmax", "kl", "percentile", "mse"],
-                  "How each tensor's range is chosen from the calibration data.",
+flags.DEFINE_enum("calibration", "auto", ["auto", "minmax", "kl", "percentile", "mse"],
+                  "How each tensor's range is chosen from the calibration data (auto: per "
+                  "tensor the data range or the clipped range of least expected error).",
                   flag_values=FLAGS)
 flags.DEFINE_float("percentile", None, "--calibration=percentile: share of values kept in "
                    "range (default 99.99).", flag_values=FLAGS)
@@ -69,6 +71,21 @@ flags.DEFINE_integer("calib_limit", None, "Use at most this many calibration sam
 flags.DEFINE_string("max_layer_error", "0.2", "Keep an int8 layer in fp32 when its own "
                     "relative L2 error on the calibration data is above this; 'none' keeps "
                     "every layer int8.", flag_values=FLAGS)
+flags.DEFINE_bool("pair_weights", True, "avx2 target: 8-bit weights limited per input-channel "
+                  "pair so 16-bit sums cannot saturate (--nopair_weights: 7-bit weights).",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("shift_signed", True, "Store signed activations read by convs/matmuls as "
+                  "quint8 of (x - min): 255 steps instead of 127.", flag_values=FLAGS)
+flags.DEFINE_bool("bias_correction", True, "Correct each layer's per-channel output mean "
+                  "shift caused by weight rounding, from the calibration data.",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("equalize", False, "Cross-layer weight equalization of conv -> conv chains "
+                  "before quantizing (where it lowers the expected error).", flag_values=FLAGS)
+flags.DEFINE_string("fidelity", None, "Accuracy target, e.g. top1=0.99 or rel_l2=0.02: keep "
+                    "the fewest most sensitive layers in fp32 until the int8 graph meets it on "
+                    "--validation data.", flag_values=FLAGS)
+flags.DEFINE_string("validation", None, "Data for --fidelity (same forms as --calib; "
+                    "default: the calibration data).", flag_values=FLAGS)
 flags.DEFINE_string("report", None, "Write the conversion report here: .md, .html or .json.",
                     flag_values=FLAGS)
 flags.DEFINE_string("saved_model", None, "Also write the int8 graph as a SavedModel with a "
@@ -161,7 +178,10 @@ def _cmd_convert(args: List[str]) -> int:
                      image_spec=FLAGS.image_spec, calib_limit=FLAGS.calib_limit,
                      percentile=FLAGS.percentile, max_layer_error=max_error,
                      progress=stderr_progress, debug=FLAGS.debug,
-                     histograms=True if report_path else None)
+                     histograms=True if report_path else None,
+                     pair_weights=FLAGS.pair_weights, shift_signed=FLAGS.shift_signed,
+                     bias_correction=FLAGS.bias_correction, equalize=FLAGS.equalize,
+                     fidelity=FLAGS.fidelity, validation=FLAGS.validation)
     elapsed = time.perf_counter() - started
     report = result.report
     report.files = {"input file": src, "output file": out}
@@ -274,7 +294,9 @@ COMMANDS: Dict[str, Command] = {
                        "write the int8 graph, a report and a SavedModel if asked",
                        ("output", "calib", "inputs", "outputs", "calibration", "percentile",
                         "per_tensor", "target", "exclude", "image_spec", "calib_limit",
-                        "max_layer_error", "report", "saved_model", "measure_speed", "debug"),
+                        "max_layer_error", "pair_weights", "shift_signed", "bias_correction",
+                        "equalize", "fidelity", "validation", "report", "saved_model",
+                        "measure_speed", "debug"),
                        _cmd_convert),
 }
 
@@ -368,7 +390,8 @@ def _command_help(name: str) -> str:
         elif isinstance(flag.parser, flags.ListParser):
             spelling += "=a,b"
         else:
-            spelling += "=" + {"calib": "DATA", "report": "FILE", "saved_model": "DIR"}.get(
+            spelling += "=" + {"calib": "DATA", "validation": "DATA", "report": "FILE",
+                                 "saved_model": "DIR", "fidelity": "TARGET"}.get(
                 flag_name, "N" if flag.flag_type() in ("int", "float") else "VALUE")
         help_text = flag.help.split(">: ", 1)[-1] if isinstance(flag, flags.EnumFlag) else flag.help
         if flag.default is not None and not flag.boolean and not isinstance(flag.default, list):

@@ -95,6 +95,11 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     ctx = make_context(graph_def, inputs, outputs, debug=debug)
     data = open_data(calib, graph_def, inputs=ctx.inputs, image_spec=image_spec,
                      limit=calib_limit)
+    if fidelity is not None:   # the target and the validation data checked before any work
+        fidelity = fidelity_mod.parse_target(fidelity)
+        if validation is not None:
+            validation = open_data(validation, graph_def, inputs=ctx.inputs,
+                                   image_spec=image_spec, kind="validation")
     tgt = target_mod.resolve(target)
     fp32 = run_pipeline(graph_def, CLEANUP_PIPELINE, ctx)
     fp32 = accuracy.before_calibration(fp32, ctx, data, equalize=equalize)   # issue 6

@@ -64,6 +64,7 @@ def parse_target(spec: Union[str, Mapping[str, float], FidelityTarget]) -> Fidel
     """``{"top1": 0.99}``, ``"top1=0.99"``, ``{"rel_l2": 0.02}`` or ``"relL2=0.02"``."""
     if isinstance(spec, FidelityTarget):
         return spec
+    given = spec
     if isinstance(spec, str):
         key, sep, value = spec.partition("=")
         try:
@@ -71,7 +72,7 @@ def parse_target(spec: Union[str, Mapping[str, float], FidelityTarget]) -> Fidel
         except ValueError:
             spec = None
     if not isinstance(spec, Mapping) or len(spec) != 1:
-        raise GraphQuantError(f"cannot read the fidelity target {spec!r}",
+        raise GraphQuantError(f"cannot read the fidelity target {given!r}",
                               "give one metric and value: top1=0.99 or rel_l2=0.02")
     (key, value), = spec.items()
     metric = {"top1": "top1", "top-1": "top1", "rel_l2": "rel_l2", "rell2": "rel_l2",

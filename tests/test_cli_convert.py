@@ -116,7 +116,7 @@ def test_convert_tiny_graph_prints_progress_and_summary(capsys, tiny):
     stdout, err, int8 = _convert_ok(capsys, src, calib, out)
     assert f"converted {src} -> {out}" in stdout
     assert "Conv2D: 2 int8, 0 fp32" in stdout
-    assert "calibration: minmax on 6 samples" in stdout
+    assert "calibration: auto on 6 samples" in stdout   # the library's default too
     assert "calibrating 6/6" in err              # progress on stderr, not stdout
     assert "Conv2D" not in op_histogram(int8)
     x = _samples([8, 8, 3], n=1, seed=5)
@@ -167,6 +167,8 @@ def test_converting_twice_gives_identical_bytes(tmp_path):
      and not any(q["op"] == "Conv2D" for q in r["quantized"])),
     (["--calib_limit", "2"], lambda r: r["calibration"]["samples"] == 2),
     (["--max_layer_error", "none"], lambda r: len(r["quantized"]) == 2),
+    (["--calibration", "minmax"], lambda r: r["info"]["calibration"] == "minmax"),
+    (["--fidelity", "rel_l2=0.5"], lambda r: r["info"]["fidelity"]["target"] == "rel_l2=0.5"),
 ])
 def test_flags_reach_the_conversion(capsys, tiny, tmp_path, flags, check):
     src, calib, out = tiny
@@ -553,7 +555,10 @@ def test_help_lists_convert_and_its_flags(capsys):
     assert code == 0 and "\n  convert " in out
     code, out, _ = _main(capsys, "convert", "--help")
     assert code == 0 and "usage: graphquant convert IN -o OUT --calib DATA" in out
-    for flag in ("--calib=DATA", "--calibration=minmax|kl|percentile|mse", "--[no]per_tensor",
+    for flag in ("--calib=DATA", "--calibration=auto|minmax|kl|percentile|mse",
+                 "--[no]per_tensor", "--[no]pair_weights", "--[no]shift_signed",
+                 "--[no]bias_correction", "--[no]equalize", "--fidelity=TARGET",
+                 "--validation=DATA",
                  "--target=auto|avx2|vnni", "--exclude=a,b", "--report=FILE",
                  "--saved_model=DIR", "--[no]measure_speed"):
         assert flag in out
@@ -587,4 +592,53 @@ def test_a_failing_last_write_removes_the_outputs_already_written(capsys, tiny, 
     code, _, err = _main(capsys, "convert", src, "-o", out, "--calib", calib,
                          "--report", tmp_path / "r.md", "--saved_model", tmp_path / "sm")
     _assert_clear_error(code, err, "No space left on device", after_progress=True)
+    assert _listing(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- --fidelity
+def test_cli_defaults_are_the_library_defaults_and_flags_turn_them_off(capsys, tiny,
+                                                                        monkeypatch):
+    import inspect
+    import graphquant.convert as convert_mod
+    seen = []
+    real = convert_mod.convert
+    monkeypatch.setattr(convert_mod, "convert", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    src, calib, out = tiny
+    names = ("calibration", "pair_weights", "shift_signed", "bias_correction", "equalize",
+             "fidelity", "validation")
+    defaults = {n: p.default for n, p in inspect.signature(real).parameters.items()
+                if n in names}
+    _convert_ok(capsys, src, calib, out)
+    assert {n: seen[-1][n] for n in names} == defaults
+    _convert_ok(capsys, src, calib, out, "--nopair_weights", "--noshift_signed",
+                "--nobias_correction", "--equalize", "--calibration", "minmax")
+    assert {n: seen[-1][n] for n in names[:5]} == {
+        "calibration": "minmax", "pair_weights": False, "shift_signed": False,
+        "bias_correction": False, "equalize": True}
+
+
+def test_fidelity_with_validation_data_meets_its_target(capsys, tiny, tmp_path):
+    src, calib, out = tiny
+    validation = _calib(tmp_path, "val.npy", _samples([8, 8, 3], n=4, seed=9))
+    report = tmp_path / "r.json"
+    _convert_ok(capsys, src, calib, out, "--fidelity", "rel_l2=0.2", "--validation",
+                validation, "--report", report)
+    fid = json.loads(report.read_text())["info"]["fidelity"]
+    assert fid["target"] == "rel_l2=0.2"
+    assert fid["reached"] and fid["measured"] <= 0.2
+    assert fid["evaluations"] and len(fid["evaluations"]) <= fid["max_evaluations"]
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--fidelity", "top1"], ["fidelity target", "top1=0.99"]),
+    (["--fidelity", "speed=2"], ["unknown fidelity metric"]),
+    (["--fidelity", "rel_l2=0.02", "--validation", "missing.npy"],
+     ["validation data", "does not exist"]),
+])
+def test_bad_fidelity_arguments_fail_before_any_work(capsys, tiny, tmp_path, flags, needles):
+    src, calib, out = tiny
+    before = _listing(tmp_path)
+    code, _, err = _main(capsys, "convert", src, "-o", out, "--calib", calib, *flags)
+    _assert_clear_error(code, err, *needles)
+    assert "calibrating" not in err              # no work started
     assert _listing(tmp_path) == before
