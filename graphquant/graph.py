@@ -24,6 +24,12 @@ VARIABLE_OPS = frozenset(
      "ResourceGather", "VarIsInitializedOp", "Assign", "AssignAdd", "AssignSub"}
 )
 INPUT_OPS = frozenset({"Placeholder", "PlaceholderWithDefault"})
+# TF1 while loops (control flow v1): a loop's frame runs from its Enter nodes to its
+# Exit nodes; NextIteration feeds the next iteration's values back to the frame's
+# Merge nodes - the only edges that may close a cycle in a frozen graph.
+LOOP_ENTER_OPS = frozenset({"Enter", "RefEnter"})
+LOOP_EXIT_OPS = frozenset({"Exit", "RefExit"})
+LOOP_BACK_EDGE_OPS = frozenset({"NextIteration", "RefNextIteration"})
 
 
 # --------------------------------------------------------------------------- names
@@ -92,6 +98,7 @@ class GraphIndex:
             for i, inp in enumerate(node.input):
                 t = parse_tensor_name(inp)
                 self._consumers[t.node].append((node, i, t))
+        self._loop_frames: Optional[Dict[str, Tuple[str, ...]]] = None
 
     def __contains__(self, name: str) -> bool:
         return name in self.nodes
@@ -133,31 +140,75 @@ class GraphIndex:
         """The node producing data input ``i`` of ``node``."""
         return self.node(data_inputs(node)[i])
 
-    def to_networkx(self) -> nx.DiGraph:
+    def to_networkx(self, back_edges: bool = True) -> nx.DiGraph:
+        """Producer -> consumer edges (control edges too); without ``back_edges``, no edge
+        leaves a TF1 loop's NextIteration, which leaves an acyclic graph."""
         g = nx.DiGraph()
         for name in self.nodes:
             g.add_node(name)
         for node in self.graph_def.node:
             for inp in node.input:
                 src = node_name(inp)
-                if src in self.nodes:
+                if src in self.nodes and (back_edges
+                                          or self.nodes[src].op not in LOOP_BACK_EDGE_OPS):
                     g.add_edge(src, node.name)
         return g
 
     def topological_order(self) -> List[str]:
-        """Node names, producers before consumers; ties broken by graph order."""
+        """Node names, producers before consumers; ties broken by graph order.
+
+        A TF1 while loop's back edges (NextIteration -> Merge) are left out: a
+        NextIteration comes after the loop body computing it, its Merge before it.
+        """
         position = {name: i for i, name in enumerate(self.nodes)}
-        g = self.to_networkx()
+        g = self.to_networkx(back_edges=False)
         try:
             return list(nx.lexicographical_topological_sort(g, key=position.__getitem__))
         except nx.NetworkXUnfeasible:
             cycle = nx.find_cycle(g)
             raise InvalidGraphError(
                 "the graph has a cycle: " + " -> ".join([a for a, _ in cycle] + [cycle[0][0]])
-                + " (control flow with NextIteration is not supported)",
-                "export the model without tf.while_loop / control flow v1, or freeze it with "
-                "control flow v2 (functional While), which graphquant leaves in fp32",
+                + " (only a TF1 while loop's NextIteration -> Merge edges may close one)",
+                "the graph is corrupt; re-export it",
             ) from None
+
+    def loop_frames(self) -> Dict[str, Tuple[str, ...]]:
+        """Every node inside a TF1 while loop -> the ``frame_name`` of each loop it is in,
+        outermost first.  Nodes outside every loop are absent.
+
+        As TensorFlow's executor assigns them: a node runs in the frame of its inputs
+        (data or control: a Const in a loop body hangs on a control edge from the
+        loop), an Enter opens its ``frame_name`` inside its input's frame, an Exit
+        leaves its input's frame.  "Inside" is from the Enter nodes to the Exit nodes,
+        both included, so each loop's own control-flow ops (Enter, Merge, Switch,
+        LoopCond, NextIteration, Exit) belong to it.
+        """
+        if self._loop_frames is None:
+            self._loop_frames = {}
+            if any(n.op in LOOP_ENTER_OPS for n in self.graph_def.node):
+                self._loop_frames = self._assign_frames()
+        return self._loop_frames
+
+    def _assign_frames(self) -> Dict[str, Tuple[str, ...]]:
+        out_frame: Dict[str, Tuple[str, ...]] = {}   # the frames a node's outputs live in
+        inside: Dict[str, Tuple[str, ...]] = {}
+        for name in self.topological_order():
+            node = self.nodes[name]
+            frames = [out_frame.get(node_name(i), ()) for i in node.input]
+            first = frames[0] if frames else ()
+            if node.op in LOOP_ENTER_OPS:
+                frame = first + (node.attr["frame_name"].s.decode("utf-8", "replace"),)
+                out_frame[name] = inside[name] = frame
+            elif node.op in LOOP_EXIT_OPS:
+                out_frame[name] = first[:-1]
+                if first:
+                    inside[name] = first
+            else:   # a NextIteration input of a Merge is not seen yet: () never wins
+                frame = max(frames, key=len, default=())
+                out_frame[name] = frame
+                if frame:
+                    inside[name] = frame
+        return inside
 
     def inputs(self) -> List[str]:
         """Placeholder node names, in graph order."""

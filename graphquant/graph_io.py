@@ -17,12 +17,10 @@ from typing import Optional
 from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2, types_pb2
 
-from graphquant.errors import (InvalidGraphError, NotFrozenError, OutputPathError,
-                               UnsupportedGraphError)
-from graphquant.graph import VARIABLE_OPS, node_name, suggest_names
+from graphquant.errors import InvalidGraphError, NotFrozenError, OutputPathError
+from graphquant.graph import VARIABLE_OPS, GraphIndex, node_name, suggest_names
 
 _TEXT_EXTENSIONS = (".pbtxt", ".txt", ".prototxt")
-_LOOP_BACK_EDGE_OPS = frozenset({"NextIteration", "RefNextIteration"})  # TF1 while loops
 _FREEZE_HOWTO = (
     "freeze it first: for a Keras model or SavedModel run "
     "`python tools/export.py MODEL -o frozen.pb` "
@@ -127,14 +125,6 @@ def validate_graph_def(graph_def: graph_pb2.GraphDef, source: str = "graph") -> 
         raise NotFrozenError(
             f"{source}: the graph is not frozen - {len(variables)} variable node(s) left: {shown}",
             _FREEZE_HOWTO)
-    loops = [n for n in graph_def.node if n.op in _LOOP_BACK_EDGE_OPS]
-    if loops:
-        raise UnsupportedGraphError(
-            f"{source}: the graph has TF1 while loops (control flow v1: {len(loops)} "
-            f"NextIteration node(s), e.g. '{loops[0].name}'); their back edges make the graph "
-            "cyclic, which graphquant cannot rewrite",
-            "freeze the model with control flow v2 (the TF2 default: tf.while_loop becomes a "
-            "functional While node, which graphquant leaves in fp32 and converts around)")
     functions = {f.signature.name for f in graph_def.library.function}
     for node in graph_def.node:
         for inp in node.input:
@@ -148,6 +138,10 @@ def validate_graph_def(graph_def: graph_pb2.GraphDef, source: str = "graph") -> 
                 f"{source}: node '{node.name}' has op '{node.op}', which this TensorFlow does "
                 "not know (a custom op, or an op from a newer TensorFlow)",
                 "load the library that registers it, or export the model without it")
+    try:   # a cycle not closed by a TF1 loop's NextIteration
+        GraphIndex(graph_def).topological_order()
+    except InvalidGraphError as exc:
+        raise InvalidGraphError(f"{source}: {exc.problem}", exc.fix) from None
     _check_constants(graph_def, source)
     _check_with_tensorflow(graph_def, source)
 

@@ -26,6 +26,7 @@ from tensorflow.core.framework import graph_pb2, types_pb2
 
 from graphquant.graph import GraphIndex, data_inputs, node_name, parse_tensor_name
 from graphquant.pattern import Any, Const, OpTypePattern, match_at
+from graphquant.report import LOOP_REASON
 
 WEIGHTED_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul")
 POOL_OPS = ("MaxPool", "AvgPool")
@@ -110,7 +111,7 @@ def int8_candidates(graph_def: graph_pb2.GraphDef,
     index = GraphIndex(graph_def)
     order = index.topological_order()
     protected_nodes = {node_name(p) for p in protected}
-    claimed: Set[str] = set()
+    claimed: Set[str] = set(index.loop_frames())   # TF1 while loops stay fp32
     by_root: Dict[str, Candidate] = {}
     for name in reversed(order):
         node = index.nodes[name]
@@ -169,7 +170,9 @@ def fp32_weighted_nodes(graph_def: graph_pb2.GraphDef,
     for node in graph_def.node:
         if node.op not in WEIGHTED_OPS or node.name in taken:
             continue
-        if not _is_float32(node):
+        if node.name in index.loop_frames():
+            reason = LOOP_REASON
+        elif not _is_float32(node):
             reason = "not float32"
         elif index.input_node(node, 1).op != "Const":
             reason = f"weights are not a constant (computed by {index.input_node(node, 1).op})"

@@ -22,7 +22,10 @@ them.  It alone decides whether a rewrite is safe: a matched node other than
 the root that is read outside the match (or is a graph output) vetoes the match,
 except a Const, which is then kept for its other readers.  Matched nodes that
 the replacement still reads are kept too.  Wildcard (``*``) nodes are the
-match's boundary and are never removed.
+match's boundary and are never removed.  Nothing inside a TF1 while loop
+(:meth:`GraphIndex.loop_frames`) is ever rewritten: a match with a matched node
+there is vetoed, so every pass built on :func:`rewrite` leaves the loop as it
+was, in fp32 (new nodes outside the loop's frame could not feed it).
 """
 
 from __future__ import annotations
@@ -209,12 +212,13 @@ def _sweep(graph_def, pattern, callback, protected) -> Tuple[graph_pb2.GraphDef,
     inserted: Dict[str, List[NodeDef]] = {}  # root name -> new nodes, placed where it was
     forward: Dict[str, str] = {}
     count = 0
+    in_loop = index.loop_frames()
     for name in reversed(index.topological_order()):
         node = index.nodes[name]
-        if name in claimed or not pattern.accepts(node):
+        if name in claimed or name in in_loop or not pattern.accepts(node):
             continue
         m = match_at(index, node, pattern)
-        if m is None or any(n.name in claimed for n in m.matched):
+        if m is None or any(n.name in claimed or n.name in in_loop for n in m.matched):
             continue
         removable = _removable_nodes(index, m, protected)
         if removable is None:

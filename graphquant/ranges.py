@@ -40,10 +40,12 @@ def calibration_tensors(graph_def: graph_pb2.GraphDef) -> List[str]:
 
     Nodes inside TF1 ``cond`` branches (after a Switch, before its Merge) are
     left out: a sample that takes the other branch gives them no value, so
-    they get no range and stay fp32.
+    they get no range and stay fp32.  So are nodes inside TF1 while loops
+    (:meth:`GraphIndex.loop_frames`): a loop runs as written, in fp32.
     """
     index = GraphIndex(graph_def)
-    conditional = _inside_switch_branches(index)
+    in_loop = index.loop_frames()
+    conditional = _inside_switch_branches(index, in_loop) | set(in_loop)
     wanted: Dict[str, None] = {}
     for node in graph_def.node:
         if (node.op not in QUANTIZABLE_OPS or dtype_of(node) != types_pb2.DT_FLOAT
@@ -60,14 +62,17 @@ def calibration_tensors(graph_def: graph_pb2.GraphDef) -> List[str]:
     return list(wanted)
 
 
-def _inside_switch_branches(index: GraphIndex) -> set:
-    """Names of nodes reachable from a Switch without passing a Merge."""
+def _inside_switch_branches(index: GraphIndex, in_loop) -> set:
+    """Names of nodes reachable from a cond's Switch without passing its Merge (a TF1
+    while loop's own Switch and Merge nodes, in ``in_loop``, are neither)."""
     seen = set()
-    stack = [c.name for n in index.graph_def.node if n.op in ("Switch", "RefSwitch")
+    stack = [c.name for n in index.graph_def.node
+             if n.op in ("Switch", "RefSwitch") and n.name not in in_loop
              for c in index.consumer_nodes(n.name)]
     while stack:
         name = stack.pop()
-        if name in seen or index.nodes[name].op in ("Merge", "RefMerge"):
+        if name in seen or (index.nodes[name].op in ("Merge", "RefMerge")
+                            and name not in in_loop):
             continue
         seen.add(name)
         stack.extend(c.name for c in index.consumer_nodes(name))

@@ -6,6 +6,9 @@ node of the clean fp32 graph that is still in the output graph, unchanged, is
 listed with the reason a pass gave, or "no int8 pattern for this op" when none
 did.
 
+Nodes inside a TF1 while loop are listed with :data:`LOOP_REASON` (no pass
+touches a loop: :meth:`graphquant.graph.GraphIndex.loop_frames`).
+
 Each quantized entry also carries ``weights`` (per-channel absmax summary and
 the SQNR of the int8 weights the target's format gives, recomputed from the
 clean fp32 graph with :func:`graphquant.quant_math.quantize_weights`) and the
@@ -36,6 +39,7 @@ _PLUMBING = frozenset({
 COMPUTE_OPS = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul", "Conv2DBackpropInput",
                          "BatchMatMulV2", "BatchMatMul"})
 _TF1_CONTROL_FLOW = frozenset({"Switch", "Merge", "RefSwitch", "RefMerge"})
+LOOP_REASON = "inside a TF1 while loop: the loop runs as written, in fp32"
 _WEIGHT_KINDS = {"Conv2D": "conv", "DepthwiseConv2dNative": "depthwise", "MatMul": "matmul"}
 HISTOGRAM_BINS = 32   # bins of the per-tensor histograms kept in the report
 
@@ -61,7 +65,9 @@ class ConversionReport:
     def build(cls, original, fp32, int8, ctx, stats, info) -> "ConversionReport":
         fp32_nodes = {n.name: n for n in fp32.node}
         target = info.get("target") or "avx2"
-        order = {name: i for i, name in enumerate(GraphIndex(fp32).topological_order())}
+        fp32_index = GraphIndex(fp32)
+        in_loop = fp32_index.loop_frames()
+        order = {name: i for i, name in enumerate(fp32_index.topological_order())}
         quantized = sorted((_with_weights(dict(note), fp32_nodes, target)
                             for note in ctx.notes_of("int8")),
                            key=lambda q: (order.get(q["node"], len(order)), q["node"]))
@@ -74,8 +80,10 @@ class ConversionReport:
             if node.op in _PLUMBING or (node.name, node.op) not in kept:
                 continue
             note = reasons.get(node.name)
-            fp32_left.append({"node": node.name, "op": node.op,
-                              "reason": note["message"] if note else _default_reason(node, fp32)})
+            reason = (LOOP_REASON + f" (frame '{in_loop[node.name][-1]}')"
+                      if node.name in in_loop else
+                      note["message"] if note else _default_reason(node, fp32))
+            fp32_left.append({"node": node.name, "op": node.op, "reason": reason})
         tensors = {name: tensor_summary(s)
                    for name, s in (getattr(stats, "tensors", {}) or {}).items()}
         calibration = {"samples": getattr(stats, "num_samples", None),

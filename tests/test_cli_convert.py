@@ -350,17 +350,6 @@ def test_functional_while_is_left_fp32_and_the_rest_converted(capsys, tmp_path):
     _close(graph_def, int8, {"x:0": _samples([8, 8, 3], 1, 3)}, ["out:0"])
 
 
-def test_tf1_while_loop_is_a_clear_error(capsys, tmp_path):
-    """Switch/Merge/NextIteration loops make the graph cyclic: one clear error, no output."""
-    src = _save(tmp_path, _while_graph(v2=False))
-    calib = str(tmp_path / "c.npy")
-    np.save(calib, _samples([8, 8, 3]))
-    before = _listing(tmp_path)
-    code, _, err = _main(capsys, "convert", src, "-o", tmp_path / "o.pb", "--calib", calib)
-    _assert_clear_error(code, err, "TF1 while loops", "NextIteration", "control flow v2")
-    assert _listing(tmp_path) == before
-
-
 # --------------------------------------------------------------------------- bad graphs
 def _corrupt(tmp_path):
     data = bytearray(open(MODEL, "rb").read()[:4000])

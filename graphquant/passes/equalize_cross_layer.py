@@ -74,9 +74,10 @@ def _only_reader(index, name):
 def find_pairs(graph_def: graph_pb2.GraphDef, protected=()) -> List[Pair]:
     """Every conv1 -> [BiasAdd] -> [Relu] -> [MaxPool] -> conv2 chain (module docstring)."""
     index = GraphIndex(graph_def)
+    in_loop = index.loop_frames()   # TF1 while loops stay as they are
     pairs = []
     for node in graph_def.node:
-        if not _const_weights(index, node) or node.name in protected:
+        if not _const_weights(index, node) or node.name in protected or node.name in in_loop:
             continue
         chain, bias, cur = [node.name], None, node
         nxt = _only_reader(index, cur.name)

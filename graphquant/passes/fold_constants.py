@@ -20,9 +20,10 @@ port; the extra ones are named ``node/port_N``.
 
 Not folded: graph inputs and outputs (``ctx.protected``: an output named by the
 user keeps its op, even ``Identity`` of a Const), Consts themselves, stateful or
-control-flow ops and function calls, resource/variant outputs, results bigger
-than ``ctx.options['fold_constants_max_bytes']`` (default 16 MiB per tensor)
-and anything TensorFlow fails to evaluate; the last two are noted in
+control-flow ops and function calls, anything inside a TF1 while loop (a Const
+made there would live outside the loop's frame), resource/variant outputs,
+results bigger than ``ctx.options['fold_constants_max_bytes']`` (default 16 MiB
+per tensor) and anything TensorFlow fails to evaluate; the last two are noted in
 ``ctx.notes`` and their constant inputs fold instead.
 """
 
@@ -55,7 +56,7 @@ def fold_constants(graph_def, ctx):
     index = GraphIndex(graph_def)
     order = index.topological_order()
     max_bytes = int(ctx.options.get("fold_constants_max_bytes", DEFAULT_MAX_BYTES))
-    excluded = set(ctx.protected)
+    excluded = set(ctx.protected) | set(index.loop_frames())
     static = _static_shape_values(graph_def, index, excluded)
     values: Dict[str, Tuple[np.ndarray, int]] = {}  # "node:port" -> (value, DataType enum)
     while True:

@@ -11,7 +11,9 @@ loaded), so control edges only order side-effect-free work: they are dropped,
 which leaves NoOps and Asserts unread for ``remove_unused_nodes``.  Colocation
 hints (``_class: loc:@node``) go too: they name nodes that this and later
 passes remove, and TensorFlow refuses to load a graph whose hint names a
-missing node.
+missing node.  A TF1 while loop is left as it is (:func:`graphquant.pattern.rewrite`
+never matches there): its Consts hang on control edges from the loop to run in
+its frame, and its hints name only its own nodes, which no pass removes.
 
 A graph output that is an Identity keeps its name: its producer is renamed to
 it (``Softmax -> Identity`` becomes a Softmax named ``Identity``, its other
@@ -39,11 +41,17 @@ def _bypass(match, ctx):
 
 
 def _drop_control_edges(graph_def):
+    in_loop = GraphIndex(graph_def).loop_frames()
     out = type(graph_def)()
     out.CopyFrom(graph_def)
     for node in out.node:
         keep = [i for i in node.input if not i.startswith("^")]
-        if len(keep) != len(node.input):
+        hints = node.attr["_class"].list.s if "_class" in node.attr else []
+        if node.name in in_loop and all(
+                not c.startswith(b"loc:@") or c[5:].decode("utf-8", "replace") in in_loop
+                for c in hints):
+            continue   # a TF1 while loop's node, colocated with nothing outside it
+        if len(keep) != len(node.input) and node.name not in in_loop:
             del node.input[:]
             node.input.extend(keep)
         if "_class" in node.attr:
