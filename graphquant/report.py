@@ -9,10 +9,12 @@ did.
 Nodes inside a TF1 while loop are listed with :data:`LOOP_REASON` (no pass
 touches a loop: :meth:`graphquant.graph.GraphIndex.loop_frames`).
 
-Each quantized entry also carries ``weights`` (per-channel absmax summary and
-the SQNR of the int8 weights the target's format gives, recomputed from the
-clean fp32 graph with :func:`graphquant.quant_math.quantize_weights`) and the
-names of its ``input_tensor`` / ``output_tensor``, whose calibration statistics
+Each quantized entry also carries ``weights``: a summary of the int8 weights
+the rewrite emitted, read from the output graph (the Consts its int8 note names
+in ``weight_consts``, as the kernel reads them: integers times
+max(|min|, |max|) / 127 per channel) -- per-channel max |w|, integer levels, and
+their SQNR against the clean fp32 graph's weights -- and the names of its
+``input_tensor`` / ``output_tensor``, whose calibration statistics
 (min, max, count, a 32-bin histogram when collected) are in ``tensors``.
 Rendering as Markdown, HTML or JSON: :mod:`graphquant.report_render`
 (``report.write(path)``, by extension).
@@ -64,11 +66,11 @@ class ConversionReport:
     @classmethod
     def build(cls, original, fp32, int8, ctx, stats, info) -> "ConversionReport":
         fp32_nodes = {n.name: n for n in fp32.node}
-        target = info.get("target") or "avx2"
+        int8_nodes = {n.name: n for n in int8.node}
         fp32_index = GraphIndex(fp32)
         in_loop = fp32_index.loop_frames()
         order = {name: i for i, name in enumerate(fp32_index.topological_order())}
-        quantized = sorted((_with_weights(dict(note), fp32_nodes, target)
+        quantized = sorted((_with_weights(dict(note), fp32_nodes, int8_nodes)
                             for note in ctx.notes_of("int8")),
                            key=lambda q: (order.get(q["node"], len(order)), q["node"]))
         reasons = {}
@@ -212,9 +214,10 @@ def tensor_summary(stats) -> Dict[str, object]:
     return out
 
 
-def _with_weights(note: Dict[str, object], fp32_nodes, target: str) -> Dict[str, object]:
-    """``note`` plus its input/output tensor names and a summary of its int8 weights."""
-    from graphquant import quant_math, target as target_mod
+def _with_weights(note: Dict[str, object], fp32_nodes, int8_nodes) -> Dict[str, object]:
+    """``note`` plus its input/output tensor names and a summary of the int8 weights it
+    emitted (module docstring); no summary when they are not in the output graph."""
+    from graphquant import quant_math
 
     note["output_tensor"] = canonical_tensor(str(note["node"]))
     compute = next((fp32_nodes[n] for n in note.get("nodes", [note["node"]])
@@ -228,26 +231,44 @@ def _with_weights(note: Dict[str, object], fp32_nodes, target: str) -> Dict[str,
     note["input_tensor"] = canonical_tensor(inputs[0])
     kind = _WEIGHT_KINDS.get(compute.op)
     producer = fp32_nodes.get(inputs[1].split(":")[0].lstrip("^")) if len(inputs) > 1 else None
-    if kind is None or producer is None or producer.op != "Const":
+    consts = note.get("weight_consts") or {}
+    emitted = [int8_nodes.get(str(consts.get(key))) for key in ("values", "min", "max")]
+    if kind is None or producer is None or producer.op != "Const" or None in emitted:
         return note
-    w = np.asarray(const_value(producer), np.float32)
     transpose_b = kind == "matmul" and compute.attr["transpose_b"].b
     try:
-        view = quant_math.weight_channel_view(w, kind, transpose_b)
-        absmax = np.abs(view).reshape(-1, view.shape[-1]).max(axis=0)
-        signed = bool((note.get("input_range") or [0.0])[0] < 0)
-        level, multiple = target_mod.weight_format(target, kind, signed)
-        q = quant_math.quantize_weights(w, kind, per_channel=bool(note.get("per_channel", True)),
-                                        max_level=level, multiple=multiple,
-                                        transpose_b=transpose_b)
-    except (ValueError, IndexError):  # a weight layout we cannot summarise: leave it out
+        view = quant_math.weight_channel_view(
+            np.asarray(const_value(producer), np.float32), kind, transpose_b).astype(np.float64)
+        q = _integers(const_value(emitted[0]))
+        step = quant_math.kernel_weight_step(const_value(emitted[1]), const_value(emitted[2]))
+        used = quant_math.weight_channel_view(q, kind, transpose_b) * step.astype(np.float64)
+        if used.shape != view.shape:
+            return note
+    except (ValueError, IndexError, TypeError):  # a layout we cannot summarise: leave it out
         return note
-    used = quant_math.weight_channel_view(q.values, kind, transpose_b).astype(np.float64) * q.step
-    err = float(np.linalg.norm(used - view) / max(np.linalg.norm(view.astype(np.float64)), 1e-30))
-    note["weights"] = {"shape": list(w.shape), "channels": int(absmax.size),
+    absmax = np.abs(used).reshape(-1, used.shape[-1]).max(axis=0)
+    err = float(np.linalg.norm(used - view) / max(np.linalg.norm(view), 1e-30))
+    note["weights"] = {"shape": list(q.shape), "channels": int(absmax.size),
                        "absmax_min": float(absmax.min()),
                        "absmax_median": float(np.median(absmax)),
                        "absmax_max": float(absmax.max()),
-                       "levels": int(level // multiple), "rel_l2": err,
+                       "levels": _levels(q), "rel_l2": err,
                        "sqnr_db": math.inf if err <= 0 else -20.0 * math.log10(err)}
     return note
+
+
+def _integers(value: np.ndarray) -> np.ndarray:
+    """A qint8 Const's values as int64 (TensorFlow reads them as a one-field record)."""
+    value = np.asarray(value)
+    if value.dtype.names:
+        value = value[value.dtype.names[0]]
+    return value.astype(np.int64)
+
+
+def _levels(q: np.ndarray) -> int:
+    """Positive integer levels the weights use: the largest |q| in units of the integers'
+    common step (7-bit weights: 63; 126 in steps of 2: also 63)."""
+    magnitudes = np.abs(q[q != 0])
+    if not magnitudes.size:
+        return 0
+    return int(magnitudes.max() // np.gcd.reduce(magnitudes))

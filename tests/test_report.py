@@ -1,8 +1,9 @@
 """The conversion report: facts checked against independent numpy, and the three renderings.
 
 One small conversion (conv+relu -> conv -> Erf, calibrated with histograms)
-gives a real report; its weight summaries, calibrated ranges and histograms are
-recomputed here from the weights and the calibration data, then rendered as
+gives a real report; its weight summaries (checked against the int8 weights in
+the output graph), calibrated ranges and histograms are recomputed here from
+the graph and the calibration data, then rendered as
 Markdown, strict JSON and self-contained HTML whose SVG charts are parsed and
 measured.
 """
@@ -38,11 +39,16 @@ def _model(x):
 
 
 @pytest.fixture(scope="module")
-def report():
+def result():
     graph_def, _ = build_graph(_model, x=[1, 8, 8, 3])
     result = convert(graph_def, list(SAMPLES), histograms=True, target="avx2",
                      max_layer_error=None)
     result.report.files = {"input file": "model.pb"}
+    return result
+
+
+@pytest.fixture(scope="module")
+def report(result):
     return result.report
 
 
@@ -64,21 +70,62 @@ def test_each_quantized_layer_has_op_ranges_weights_and_sqnr(report):
     assert report.fp32[0]["reason"] == "no int8 pattern for this op"
 
 
-@pytest.mark.parametrize("node, w, level", [("Conv2D", W1, 63), ("conv2", W2, 63)])
-def test_weight_summary_matches_numpy(report, node, w, level):
-    """Per-channel absmax and the SQNR of 7-bit symmetric per-channel weights (avx2)."""
-    q = _quantized(report, node)
-    absmax = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)
-    summary = q["weights"]
-    assert summary["channels"] == w.shape[-1] and summary["levels"] == level
+def _emitted_weights(graph_def, names):
+    """(integers, float weights the kernel computes with) of the Consts ``names`` gives:
+    the integers times max(|min|, |max|) / 127 per output channel (last axis)."""
+    nodes = {n.name: n for n in graph_def.node}
+    ints = tf().make_ndarray(nodes[names["values"]].attr["value"].tensor)
+    ints = ints[ints.dtype.names[0]].astype(np.int64) if ints.dtype.names else ints
+    lo = tf().make_ndarray(nodes[names["min"]].attr["value"].tensor)
+    hi = tf().make_ndarray(nodes[names["max"]].attr["value"].tensor)
+    step = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64) / 127.0
+    return ints, ints * step
+
+
+def _check_summary(summary, w, ints, used):
+    absmax = np.abs(used).reshape(-1, w.shape[-1]).max(axis=0)
+    assert summary["channels"] == w.shape[-1] and summary["shape"] == list(w.shape)
     assert summary["absmax_min"] == pytest.approx(absmax.min(), rel=1e-6)
     assert summary["absmax_median"] == pytest.approx(np.median(absmax), rel=1e-6)
     assert summary["absmax_max"] == pytest.approx(absmax.max(), rel=1e-6)
-    step = absmax.astype(np.float64) / level
-    deq = np.clip(np.rint(w / step), -level, level) * step
-    err = np.linalg.norm(deq - w) / np.linalg.norm(w)
-    assert summary["rel_l2"] == pytest.approx(err, rel=1e-3)
-    assert summary["sqnr_db"] == pytest.approx(-20 * math.log10(err), abs=0.01)
+    magnitudes = np.abs(ints[ints != 0])
+    assert summary["levels"] == magnitudes.max() // np.gcd.reduce(magnitudes)
+    err = np.linalg.norm(used - w) / np.linalg.norm(w)
+    assert summary["rel_l2"] == pytest.approx(err, rel=1e-4)
+    assert summary["sqnr_db"] == pytest.approx(-20 * math.log10(err), abs=1e-3)
+    # what is in the graph is the fp32 weights to within a step per channel
+    step = np.abs(used).max(axis=tuple(range(used.ndim - 1))) / np.abs(ints).max(
+        axis=tuple(range(ints.ndim - 1)))
+    assert np.all(np.abs(absmax - np.abs(w).reshape(-1, w.shape[-1]).max(axis=0))
+                  <= step + 1e-9)
+
+
+@pytest.mark.parametrize("node, w", [("Conv2D", W1), ("conv2", W2)])
+def test_weight_summary_is_read_from_the_emitted_weights(result, node, w):
+    """Per-channel max |w|, levels and SQNR of the int8 weights in the output graph: the
+    qint8 Const the int8 conv reads, with its min/max_filter Consts."""
+    q = _quantized(result.report, node)
+    names = q["weight_consts"]
+    conv = next(n for n in result.graph_def.node
+                if n.op == "_FusedQuantizedConv2D" and n.input[1] == names["values"])
+    assert [conv.input[5], conv.input[6]] == [names["min"], names["max"]]   # min/max_filter
+    _check_summary(q["weights"], w, *_emitted_weights(result.graph_def, names))
+
+
+def test_matmul_weight_summary_is_read_from_the_emitted_weights():
+    w = np.random.RandomState(3).randn(16, 6).astype(np.float32) * 0.2
+
+    def model(x):
+        return tf().nn.relu(tf().matmul(x, tf().constant(w)), name="out")
+
+    graph_def, _ = build_graph(model, x=[1, 16])
+    samples = list(np.random.RandomState(4).rand(6, 1, 16).astype(np.float32))
+    result = convert(graph_def, samples, target="avx2", max_layer_error=None)
+    q = _quantized(result.report, "MatMul")
+    names = q["weight_consts"]
+    assert any(n.op == "_QuantizedMatMul" and n.input[1] == names["values"]
+               for n in result.graph_def.node)
+    _check_summary(q["weights"], w, *_emitted_weights(result.graph_def, names))
 
 
 def test_calibrated_tensor_statistics_match_the_data(report):

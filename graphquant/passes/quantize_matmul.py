@@ -102,6 +102,7 @@ def _quantize(match, rctx, ctx):
              fused_ops=fused, input_range=list(x_range), output_range=[lo, hi],
              weight_range=[float(qw.min_range.min()), float(qw.max_range.max())],
              per_channel=qw.per_channel, weight_max_level=qw.max_level,
+             weight_consts={"values": w, "min": min_w, "max": max_w},
              nodes=[n.name for n in match.matched if n.op != "Const"])
     return Replacement(nodes=isl.nodes)
 
