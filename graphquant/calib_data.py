@@ -71,6 +71,9 @@ DEFAULT_BATCH_SIZE = 8          # samples per feed when the graph's batch axis i
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 _IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
 _SCAN_CHUNK = 256               # samples per chunk when scanning arrays for NaN/Inf
+# decoded image feeds kept in memory (bytes): a conversion reads its calibration data
+# several times (calibration, accuracy steps, sensitivity probe), decoding is the slow part
+IMAGE_CACHE_BYTES = 512 << 20
 
 Shape = Optional[Tuple[Optional[int], ...]]
 
@@ -708,14 +711,27 @@ def _open_images(folder: str, image_spec, ctx: _Context) -> CalibrationData:
     feeds = [(i, min(i + batch, usable)) for i in range(0, usable, batch)]
     spec = replace(spec, size=(height, width), layout=layout)
 
-    def load(key):
+    def decode(key):
         lo, hi = key
         images = np.stack([load_image(p, spec, height, width, channels) for p in files[lo:hi]])
         if layout == "nchw":
             images = images.transpose(0, 3, 1, 2)
         if input_spec.dtype.kind != "f":
             images = np.clip(np.round(images), 0, 255)
-        return {input_spec.name: images.astype(input_spec.dtype)}
+        return images.astype(input_spec.dtype)
+
+    decoded: Dict[Any, np.ndarray] = {}
+    budget = [IMAGE_CACHE_BYTES]
+
+    def load(key):
+        images = decoded.get(key)
+        if images is None:
+            images = decode(key)
+            if images.nbytes <= budget[0]:     # kept read-only: every reader shares it
+                budget[0] -= images.nbytes
+                images.flags.writeable = False
+                decoded[key] = images
+        return {input_spec.name: images}
 
     description = f"{usable} images from '{folder}'"
     if ctx.skip or ctx.limit is not None:

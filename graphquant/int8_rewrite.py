@@ -15,6 +15,9 @@ can be negative is qint8, otherwise quint8.
 
 from __future__ import annotations
 
+import collections
+import functools
+import hashlib
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -35,20 +38,58 @@ def quantize_weights(ctx, weights, kind: str, signed_input: bool, transpose_b: b
     """Weights quantized for the target in ``ctx.options['target']`` (avx2 when unset):
     the max level and multiple that keep the kernel exact there (:mod:`graphquant.target`);
     with ``ctx.options['pair_weights']``, u8-input convs and matmuls on avx2 get 8-bit
-    weights with limited input-channel pairs (:mod:`graphquant.pair_weights`)."""
+    weights with limited input-channel pairs (:mod:`graphquant.pair_weights`).
+
+    A conversion asks this for each conv up to three times with the same arguments
+    (bias correction, the sensitivity probe, the islands): results are remembered by
+    weight bytes and format (:data:`_CACHE`), returned read-only."""
     from graphquant import target as target_mod
 
     tgt = ctx.options.get("target")
     name = tgt.name if tgt is not None else "avx2"
+    per_channel = not ctx.options.get("per_tensor", False)
+    weights = np.ascontiguousarray(weights, np.float32)
     if (ctx.options.get("pair_weights") and name == "avx2" and not signed_input
             and kind in pair_weights.KINDS):   # 8-bit weights, pairs limited (issue 6)
-        return pair_weights.quantize_weights(
-            weights, kind, per_channel=not ctx.options.get("per_tensor", False),
-            transpose_b=transpose_b)
-    max_level, multiple = target_mod.weight_format(name, kind, signed_input)
-    return quant_math.quantize_weights(
-        weights, kind, per_channel=not ctx.options.get("per_tensor", False),
-        max_level=max_level, multiple=multiple, transpose_b=transpose_b)
+        fmt = ("pairs", kind, per_channel, transpose_b)
+        compute = functools.partial(pair_weights.quantize_weights, weights, kind,
+                                    per_channel=per_channel, transpose_b=transpose_b)
+    else:
+        max_level, multiple = target_mod.weight_format(name, kind, signed_input)
+        fmt = ("levels", kind, per_channel, transpose_b, max_level, multiple)
+        compute = functools.partial(quant_math.quantize_weights, weights, kind,
+                                    per_channel=per_channel, max_level=max_level,
+                                    multiple=multiple, transpose_b=transpose_b)
+    return _CACHE.get(fmt, weights, compute)
+
+
+class _WeightCache:
+    """Quantized weights by (format, shape, digest of the float bytes); least recently
+    used entries dropped beyond ``max_bytes`` of int8 values."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: "collections.OrderedDict[tuple, quant_math.QuantizedWeights]" = (
+            collections.OrderedDict())
+
+    def get(self, fmt: tuple, weights: np.ndarray, compute):
+        key = fmt + (weights.shape, hashlib.blake2b(weights.data, digest_size=16).digest())
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit
+        qw = compute()
+        for value in vars(qw).values():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False      # shared by every caller
+        self._entries[key] = qw
+        while (sum(q.values.nbytes for q in self._entries.values()) > self.max_bytes
+               and len(self._entries) > 1):
+            self._entries.popitem(last=False)
+        return qw
+
+
+_CACHE = _WeightCache(max_bytes=256 << 20)
 
 
 def corrected_bias(ctx, node: str, bias: np.ndarray) -> np.ndarray:

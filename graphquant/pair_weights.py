@@ -70,23 +70,41 @@ def pair_sums_ok(q: np.ndarray, kind: str = "conv", transpose_b: bool = False) -
                 and np.abs(p.sum(axis=-2)).max(initial=0) <= MAX_PAIR_SUM)
 
 
-def _round_pairs(pairs: np.ndarray, step: np.ndarray) -> np.ndarray:
+def _round_pairs(pairs: np.ndarray, step: np.ndarray, scaled: np.ndarray = None,
+                 rounded: np.ndarray = None) -> np.ndarray:
     """Integers for ``pairs / step`` within the limits: values clipped to 127, pairs whose
     sum is above 128 moved back evenly (the nearest point on the limit), then rounded; a
-    pair rounded to 129 (two ties) moves its element that rounded outward more."""
-    scaled = np.clip(pairs / step, -MAX_LEVEL, MAX_LEVEL)
+    pair rounded to 129 (two ties) moves its element that rounded outward more.
+    ``scaled``, ``rounded``: float64 arrays shaped like ``pairs`` to compute in (the
+    search reuses them; the result may be ``rounded``)."""
+    scaled = np.divide(pairs, step, out=scaled)
+    np.clip(scaled, -MAX_LEVEL, MAX_LEVEL, out=scaled)
     total = scaled.sum(axis=-2, keepdims=True)
-    excess = np.maximum(np.abs(total) - MAX_PAIR_SUM, 0.0)
-    scaled = scaled - np.sign(total) * excess / 2
-    q = np.rint(scaled)
+    if _beyond(total):   # else the shift below moves nothing
+        excess = np.maximum(np.abs(total) - MAX_PAIR_SUM, 0.0)
+        scaled -= np.sign(total) * excess / 2
+    q = np.rint(scaled, out=rounded)
     total = q.sum(axis=-2, keepdims=True)
-    over = np.abs(total) > MAX_PAIR_SUM
-    if over.any():
+    if _beyond(total):
+        over = np.abs(total) > MAX_PAIR_SUM
         direction = np.sign(total)
         overshoot = (q - scaled) * direction
         first = overshoot[..., :1, :] >= overshoot[..., 1:, :]
         q = q - np.concatenate([first, ~first], axis=-2) * over * direction
     return q
+
+
+def _beyond(total: np.ndarray) -> bool:
+    """Whether any pair sum in ``total`` is above the limit in magnitude."""
+    return bool(total.size) and (total.max() > MAX_PAIR_SUM or total.min() < -MAX_PAIR_SUM)
+
+
+def _squared_error(q: np.ndarray, step, pairs: np.ndarray, axes, buffer: np.ndarray):
+    """``((q * step - pairs) ** 2).sum(axis=axes)``, computed in ``buffer``."""
+    np.multiply(q, step, out=buffer)
+    buffer -= pairs
+    np.square(buffer, out=buffer)
+    return buffer.sum(axis=axes)
 
 
 def quantize_weights(w, kind: str = "conv", per_channel: bool = True,
@@ -110,20 +128,23 @@ def quantize_weights(w, kind: str = "conv", per_channel: bool = True,
     floor = MIN_RANGE / MAX_LEVEL
     safe = np.maximum(np.maximum(value_max / MAX_LEVEL, pair_max / MAX_PAIR_SUM), floor)
     smallest = np.maximum(value_max / MAX_LEVEL, floor)
-    best_step, best_q, best_err = safe, _round_pairs(pairs, safe), None
+    buffer, rounded = np.empty_like(pairs), np.empty_like(pairs)
+    best_step, q = safe, _round_pairs(pairs, safe, buffer, rounded)
+    best_q = q.astype(np.int8)      # whole numbers within +-127: exact in int8
     if search > 1:
         axes = tuple(range(pairs.ndim - 1)) if per_channel else None
-        best_err = ((best_q * best_step - pairs) ** 2).sum(axis=axes)
+        best_err = _squared_error(q, best_step, pairs, axes, buffer)
         for f in np.linspace(0.0, 1.0, search, endpoint=False)[1:]:
             step = smallest + (safe - smallest) * f
-            q = _round_pairs(pairs, step)
-            err = ((q * step - pairs) ** 2).sum(axis=axes)
+            q = _round_pairs(pairs, step, buffer, rounded)
+            err = _squared_error(q, step, pairs, axes, buffer)
             better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_step = np.where(better, step, best_step)
-            best_q = np.where(better, q, best_q)
+            if better.any():
+                best_err = np.where(better, err, best_err)
+                best_step = np.where(better, step, best_step)
+                np.copyto(best_q, q, casting="unsafe", where=better)
     q = best_q.reshape(best_q.shape[:-3] + (-1, out))[..., :view.shape[-2], :]
-    values = (q.T if kind == "matmul" and transpose_b else q).astype(np.int8)
+    values = q.T if kind == "matmul" and transpose_b else q
     step = np.asarray(best_step, np.float64)
     declared = (step * KERNEL_WEIGHT_DIVISOR).astype(np.float32)
     return QuantizedWeights(values=np.ascontiguousarray(values), step=step.astype(np.float32),

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from graphquant import calib_data
 from graphquant.calib_data import (ImageSpec, InputSpec, graph_input_specs, list_images,
                                    load_image, open_data)
 from graphquant.errors import CalibrationDataError, NodeNotFoundError
@@ -287,6 +288,31 @@ def test_images_exact_pixels_order_and_normalisation(tmp_path):
     gray = feeds(open_data(str(folder), specs=spec(shape=(1, 4, 5, 1), dtype=np.uint8),
                            image_spec="resize=nearest", skip=2))
     assert gray[0]["x:0"].shape == (1, 4, 5, 1) and gray[0]["x:0"].dtype == np.uint8
+
+
+def test_images_are_decoded_once_per_data_object(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        _write_png(str(folder / f"{i}.png"), np.full((4, 4, 3), 40 * i, np.uint8))
+    data = open_data(str(folder), specs=spec(shape=(1, 4, 4, 3)), image_spec="resize=nearest")
+    first = feeds(data)
+    decoded = []
+    real = calib_data.load_image
+
+    def counted(*args, **kwargs):
+        decoded.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calib_data, "load_image", counted)
+    again = feeds(data)
+    assert decoded == [] and len(again) == 3
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a["x:0"], b["x:0"])
+        assert not b["x:0"].flags.writeable            # shared: nobody may change it
+    monkeypatch.setattr(calib_data, "IMAGE_CACHE_BYTES", 0)     # no room: decoded each time
+    feeds(open_data(str(folder), specs=spec(shape=(1, 4, 4, 3)), image_spec="resize=nearest"))
+    assert len(decoded) == 3
 
 
 def test_imagenet_calibration_split_first_four_images():

@@ -132,3 +132,19 @@ def test_quantize_passes_use_pairs_only_for_unsigned_inputs_on_avx2():
     ctx.options.update(pair_weights=True, target=target.resolve("vnni"))
     qw = rewrite_quantize_weights(ctx, w, "conv", signed_input=False)
     assert qw.max_level == 127 and np.abs(qw.values).max() == 127
+
+
+def test_quantized_weights_are_remembered_per_format_and_read_only():
+    w = np.random.default_rng(7).normal(0, 0.1, (3, 3, 8, 4)).astype(np.float32)
+    ctx = PassContext(options={"target": target.resolve("avx2"), "pair_weights": True})
+    first = rewrite_quantize_weights(ctx, w, "conv", signed_input=False)
+    assert rewrite_quantize_weights(ctx, w.copy(), "conv", signed_input=False) is first
+    assert not first.values.flags.writeable and not first.step.flags.writeable
+    fresh = pair_weights.quantize_weights(w, "conv")
+    assert np.array_equal(first.values, fresh.values) and np.array_equal(first.step, fresh.step)
+    signed = rewrite_quantize_weights(ctx, w, "conv", signed_input=True)   # another format
+    assert signed is not first and signed.max_level == 126
+    other = w.copy()
+    other[0, 0, 0, 0] += 0.01                                             # other weights
+    changed = rewrite_quantize_weights(ctx, other, "conv", signed_input=False)
+    assert changed is not first and changed.values[0, 0, 0, 0] != first.values[0, 0, 0, 0]
