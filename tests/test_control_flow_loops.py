@@ -251,9 +251,9 @@ def test_cli_convert_converts_around_the_loop_and_reports_it(capsys, tmp_path):
     src.write_bytes(_loop_graph(conv_in_loop=True).SerializeToString())
     calib = tmp_path / "calib.npy"
     np.save(calib, SAMPLES[:, 0])
-    out, report = tmp_path / "int8.pb", tmp_path / "report.md"
+    out, report, saved = tmp_path / "int8.pb", tmp_path / "report.md", tmp_path / "sm"
     code = cli.main(["convert", str(src), "-o", str(out), "--calib", str(calib),
-                     "--report", str(report)])
+                     "--report", str(report), "--saved_model", str(saved), "--outputs", "out"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     assert "Traceback" not in err
@@ -263,3 +263,8 @@ def test_cli_convert_converts_around_the_loop_and_reports_it(capsys, tmp_path):
     assert LOOP_REASON in text and "while/NextIteration" in text and "while/Conv2D" in text
     int8 = load_graph_def(str(out))
     assert _loop_nodes(int8) == _loop_nodes(load_graph_def(str(src)))
+    # the SavedModel runs the loop too, giving the int8 graph's output
+    serve = tf().saved_model.load(str(saved)).signatures["serving_default"]
+    got = serve(x=tf().constant(SAMPLES[0]))["out"].numpy()
+    want, = run_graph(int8, {"x:0": SAMPLES[0]}, ["out:0"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
