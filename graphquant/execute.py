@@ -99,8 +99,14 @@ def run_graph(graph_def: graph_pb2.GraphDef, feeds: Mapping[str, np.ndarray],
 
 
 def tensor_shapes(graph_def: graph_pb2.GraphDef) -> Dict[str, Optional[List[Optional[int]]]]:
-    """Static shape of each node's first output as TensorFlow infers it (None if unknown)."""
-    graph = import_graph(graph_def)
+    """Static shape of each node's first output as TensorFlow infers it (None if unknown).
+
+    Inferred on a light copy (weights replaced by a zero of their shape,
+    :func:`graphquant.graph_io.light_copy`): passes ask this of the whole graph
+    several times per conversion."""
+    from graphquant.graph_io import light_copy
+
+    graph = import_graph(light_copy(graph_def))
     shapes = {}
     for op in graph.get_operations():
         if op.outputs:

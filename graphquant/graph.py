@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import heapq
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -160,17 +161,35 @@ class GraphIndex:
         A TF1 while loop's back edges (NextIteration -> Merge) are left out: a
         NextIteration comes after the loop body computing it, its Merge before it.
         """
-        position = {name: i for i, name in enumerate(self.nodes)}
-        g = self.to_networkx(back_edges=False)
-        try:
-            return list(nx.lexicographical_topological_sort(g, key=position.__getitem__))
-        except nx.NetworkXUnfeasible:
-            cycle = nx.find_cycle(g)
+        names = list(self.nodes)
+        position = {name: i for i, name in enumerate(names)}
+        readers: List[set] = [set() for _ in names]        # by position, no duplicates
+        for src, uses in self._consumers.items():
+            i = position.get(src)
+            if i is None or self.nodes[src].op in LOOP_BACK_EDGE_OPS:
+                continue
+            readers[i].update(position[consumer.name] for consumer, _, _ in uses)
+        waiting = [0] * len(names)
+        for out in readers:
+            for j in out:
+                waiting[j] += 1
+        ready = [i for i, n in enumerate(waiting) if n == 0]   # sorted: a valid heap
+        order = []
+        while ready:   # always the ready node first in graph order (smallest topological order)
+            i = heapq.heappop(ready)
+            order.append(names[i])
+            for j in readers[i]:
+                waiting[j] -= 1
+                if not waiting[j]:
+                    heapq.heappush(ready, j)
+        if len(order) < len(names):
+            cycle = nx.find_cycle(self.to_networkx(back_edges=False))
             raise InvalidGraphError(
                 "the graph has a cycle: " + " -> ".join([a for a, _ in cycle] + [cycle[0][0]])
                 + " (only a TF1 while loop's NextIteration -> Merge edges may close one)",
                 "the graph is corrupt; re-export it",
-            ) from None
+            )
+        return order
 
     def loop_frames(self) -> Dict[str, Tuple[str, ...]]:
         """Every node inside a TF1 while loop -> the ``frame_name`` of each loop it is in,

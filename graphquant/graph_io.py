@@ -228,7 +228,7 @@ def _check_with_tensorflow(graph_def: graph_pb2.GraphDef, source: str) -> None:
     t = tf()
     try:
         with t.Graph().as_default():
-            t.graph_util.import_graph_def(_light_copy(graph_def), name="")
+            t.graph_util.import_graph_def(light_copy(graph_def), name="")
     except MemoryError:
         raise
     except Exception as exc:  # ValueError, TypeError, OpError...: all mean "not importable"
@@ -241,10 +241,10 @@ def _check_with_tensorflow(graph_def: graph_pb2.GraphDef, source: str) -> None:
 _LIGHT_CONST_BYTES = 1024
 
 
-def _light_copy(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
-    """A copy for the import check whose large constants hold one repeated zero (same dtype
-    and shape): importing a 170 MB ResNet-101 takes ~2 s, its light copy a fraction.  Large
-    constants are weights; no shape function reads their values."""
+def light_copy(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
+    """A copy for the import check and for shape inference whose large constants hold one
+    repeated zero (same dtype and shape): importing a 170 MB ResNet-101 takes ~2 s, its light
+    copy a fraction.  Large constants are weights; no shape function reads their values."""
     from tensorflow.python.framework import tensor_util
 
     light = graph_pb2.GraphDef()

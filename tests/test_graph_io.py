@@ -258,3 +258,22 @@ def test_saved_graph_runs_the_same(tmp_path):
     x = np.array([-1.0, 0.5, 2.0], np.float32)
     got = run_graph(load_graph_def(str(tmp_path / "g.pb")), {"x:0": x}, outs)[0]
     np.testing.assert_array_equal(got, run_graph(gd, {"x:0": x}, outs)[0])
+
+
+def test_shapes_are_inferred_on_the_light_copy_as_on_the_graph():
+    from graphquant.execute import import_graph, tensor_shapes
+    from graphquant.graph_io import light_copy
+
+    w = np.random.default_rng(0).normal(size=(3, 3, 8, 16)).astype(np.float32)  # > 1 KB: light
+    t = tf()
+    gd, _ = build_graph(lambda x: t.reshape(t.nn.relu(t.nn.conv2d(x, t.constant(w), 2, "SAME")),
+                                            [-1, 16 * 4 * 4]), x=[None, 8, 8, 8])
+    light = light_copy(gd)
+    assert light.ByteSize() < gd.ByteSize() // 4
+    before = gd.SerializeToString(deterministic=True)
+    shapes = tensor_shapes(gd)
+    assert gd.SerializeToString(deterministic=True) == before
+    graph = import_graph(gd)
+    full = {op.name: (None if op.outputs[0].shape.rank is None else op.outputs[0].shape.as_list())
+            for op in graph.get_operations() if op.outputs}
+    assert shapes == full and shapes["Reshape"] == [None, 256]
