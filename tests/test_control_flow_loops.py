@@ -179,6 +179,27 @@ def test_inspect_lists_the_loop_convs_as_fp32_with_the_reason():
     assert left == {"while/Conv2D": LOOP_REASON, "while/MatMul": LOOP_REASON}
 
 
+def test_a_loop_result_read_by_the_output_identity_keeps_its_exit():
+    """Identity(loop result) as the graph output: the Identity stays (strip_debug_ops would
+    otherwise rename its producer, the loop's Exit, to the output's name)."""
+    t = tf()
+
+    def fn(x):
+        _, z = t.compat.v1.while_loop(lambda i, v: i < 3, lambda i, v: (i + 1, v * 0.9),
+                                      [t.constant(0), _conv(x, 8, 1)])
+        return t.identity(z, name="out")
+
+    graph_def = _v1(fn, x=[1, 8, 8, 3])
+    result = convert(graph_def, list(SAMPLES), outputs=["out"])
+    by_name = {n.name: n for n in result.graph_def.node}
+    assert by_name["out"].op == "Identity" and by_name["out"].input == ["while/Exit_1"]
+    assert _loop_nodes(result.graph_def) == _loop_nodes(graph_def)
+    assert [q["op"] for q in result.report.quantized] == ["Conv2D"]
+    want, = run_graph(graph_def, {"x:0": SAMPLES[0]}, ["out:0"])
+    got, = run_graph(result.graph_def, {"x:0": SAMPLES[0]}, ["out:0"])
+    assert rel_l2(got, want) < 0.02
+
+
 # --------------------------------------------------------------------------- convert
 @pytest.fixture(scope="module", params=[False, True], ids=["matmul_loop", "conv_in_loop"])
 def converted(request):

@@ -17,8 +17,9 @@ its frame, and its hints name only its own nodes, which no pass removes.
 
 A graph output that is an Identity keeps its name: its producer is renamed to
 it (``Softmax -> Identity`` becomes a Softmax named ``Identity``, its other
-readers rewired) unless the producer is itself a graph input or output or the
-Identity reads a second output (``x:1``); then the Identity stays.
+readers rewired) unless the producer is itself a graph input or output, a TF1
+while loop's Exit, or the Identity reads a second output (``x:1``); then the
+Identity stays.
 
 With ``options['placeholder_with_default_to_placeholder']`` a
 PlaceholderWithDefault becomes a plain Placeholder (its default is dropped).
@@ -70,7 +71,8 @@ def _rename_output_producers(graph_def, ctx):
             continue
         src = parse_tensor_name(node.input[0])
         producer = index.nodes.get(src.node)
-        if producer is None or src.port != 0 or src.node in ctx.protected or src.node in renames:
+        if (producer is None or src.port != 0 or src.node in ctx.protected or src.node in renames
+                or src.node in index.loop_frames()):   # a loop's Exit keeps its name
             continue
         renames[src.node] = name
     if not renames:
