@@ -42,7 +42,7 @@ from tensorflow.core.framework import graph_pb2
 from graphquant import metrics
 from graphquant.errors import GraphQuantError
 from graphquant.execute import GraphRunner
-from graphquant.graph import GraphIndex, const_value
+from graphquant.graph import GraphIndex, const_value, parse_tensor_name
 
 METRICS = ("top1", "rel_l2")
 PROBE_FEEDS = 8      # validation feeds for the output-sensitivity ranking
@@ -93,14 +93,34 @@ def max_evaluations(num_islands: int) -> int:
     return 1 if num_islands == 0 else 2 + max(0, math.ceil(math.log2(num_islands)))
 
 
+def class_score_outputs(graph_def: graph_pb2.GraphDef, outputs: Sequence[str]
+                        ) -> Optional[List[bool]]:
+    """Per output, whether it is class scores: made by a Softmax (through Identity ops).
+    None when no output is (then every 2-D output counts, :func:`measure`).  MTCNN's
+    RNet/ONet return box offsets and landmarks (N x 4, N x 10) next to their softmax:
+    the "top-1" of a regression output means nothing."""
+    index = GraphIndex(graph_def)
+    flags = []
+    for out in outputs:
+        node = index.nodes.get(parse_tensor_name(out).node)
+        while node is not None and node.op == "Identity" and node.input:
+            node = index.nodes.get(parse_tensor_name(node.input[0]).node)
+        flags.append(node is not None and node.op == "Softmax")
+    return flags if any(flags) else None
+
+
 def measure(target: FidelityTarget, reference: Sequence[np.ndarray],
-            candidate: Sequence[np.ndarray]) -> float:
+            candidate: Sequence[np.ndarray], classes: Optional[Sequence[bool]] = None
+            ) -> float:
     """The target's metric for candidate outputs against reference outputs (per output,
-    samples on axis 0): min top-1 agreement, or max relative L2."""
+    samples on axis 0): min top-1 agreement, or max relative L2.  ``classes``: which
+    outputs are class scores (:func:`class_score_outputs`; default: every 2-D one)."""
     if target.metric == "rel_l2":
         return max(metrics.relative_l2(r, c) for r, c in zip(reference, candidate))
-    values = [metrics.topk_agreement(r, c, 1) for r, c in zip(reference, candidate)
-              if metrics.is_classification(r)]
+    if classes is None:
+        classes = [True] * len(reference)
+    values = [metrics.topk_agreement(r, c, 1) for r, c, k in zip(reference, candidate, classes)
+              if k and metrics.is_classification(r)]
     if not values:
         raise GraphQuantError("fidelity top1 needs an output of class scores (samples x "
                               "classes); none of the outputs is one",
@@ -321,8 +341,10 @@ def choose_fallbacks(original: graph_pb2.GraphDef, fp32: graph_pb2.GraphDef, ctx
         graphs[len(exclude)] = graph
         return graph
 
+    classes = class_score_outputs(original, ctx.outputs)
+
     def evaluate(graph: graph_pb2.GraphDef) -> float:
-        return measure(target, reference, run_outputs(graph, ctx.outputs, feeds))
+        return measure(target, reference, run_outputs(graph, ctx.outputs, feeds), classes)
 
     scores = output_sensitivity(fp32, ctx.outputs, errors, feeds[:PROBE_FEEDS])
     ranked = ranked_islands(errors, [n for n in probe_notes if n["node"] not in base_exclude],

@@ -115,3 +115,23 @@ def test_convert_keeps_the_fewest_islands_fp32_that_meet_the_target():
     assert 0 < fid["fp32_macs_share"] < 1
     kept = {f["node"] for f in tight.report.fp32 if "fidelity" in f["reason"]}
     assert kept and all(any(n.name == k for n in tight.graph_def.node) for k in kept)
+
+
+def test_top1_counts_softmax_outputs_only():
+    from graphquant.fidelity import class_score_outputs
+    t = tf()
+    w = np.random.default_rng(3).normal(0, 1, [6, 4]).astype(np.float32)
+
+    def body(x):
+        box = t.linalg.matmul(x, t.constant(w), name="box")           # regression, N x 4
+        prob = t.identity(t.nn.softmax(box[:, :2]), name="prob")      # class scores
+        return box, prob
+
+    gd, outs = build_graph(body, x=[3, 6])
+    assert class_score_outputs(gd, outs) == [False, True]
+    assert class_score_outputs(gd, outs[:1]) is None              # none: every 2-D output
+    ref = [np.array([[0.1, 0.9, 0.0, 0.0]] * 2), np.array([[0.2, 0.8]] * 2)]
+    cand = [np.array([[0.9, 0.1, 0.0, 0.0]] * 2), np.array([[0.3, 0.7]] * 2)]
+    target = FidelityTarget("top1", 0.99)
+    assert measure(target, ref, cand, [False, True]) == 1.0      # the box "top-1" ignored
+    assert measure(target, ref, cand) == 0.0

@@ -127,9 +127,15 @@ def run_all(graph_def, outs, feeds) -> List[np.ndarray]:
 def measure(name: str, configs: List[str], zoo_eval: int, log=print) -> List[Dict]:
     from graphquant import metrics
     from graphquant.convert import convert
+    from graphquant.fidelity import class_score_outputs
 
     pb, graph_def, outs, calib, evals = load_model(name, zoo_eval)
+    # top-1 only for softmax outputs (MTCNN's box/landmark regressions are N x 4 / N x 10)
+    classes = class_score_outputs(graph_def, outs) or ["Sigmoid" not in o for o in outs]
     reference = run_all(graph_def, outs, evals)
+    # real models with held-out samples: top-1 also on every shipped sample (fer: all 101)
+    every = calib + evals if name not in ZOO and evals is not calib else None
+    reference_every = run_all(graph_def, outs, every) if every else None
     rows = []
     for config in configs:
         start = time.time()
@@ -153,16 +159,26 @@ def measure(name: str, configs: List[str], zoo_eval: int, log=print) -> List[Dic
         got = run_all(result.graph_def, outs, held)
         row = {"model": name, "config": config, "calib": len(calib), "eval": len(held),
                "convert_seconds": round(seconds, 1), "outputs": {}}
-        for out, r, c in zip(outs, ref, got):
+        for out, r, c, k in zip(outs, ref, got, classes):
             entry = {"rel_l2": metrics.relative_l2(r, c)}
-            if metrics.is_classification(r) and r.shape[1] <= 1000 and "Sigmoid" not in out:
+            if k and metrics.is_classification(r) and r.shape[1] <= 1000:
                 entry["top1"] = metrics.topk_agreement(r, c, 1)
             row["outputs"][out] = entry
+        if every:
+            for out, r, c, k in zip(outs, reference_every,
+                                    run_all(result.graph_def, outs, every), classes):
+                if "top1" in row["outputs"][out]:
+                    row["outputs"][out]["top1_every"] = metrics.topk_agreement(r, c, 1)
+                    row["outputs"][out]["every"] = len(r)
         row["worst_rel_l2"] = max(e["rel_l2"] for e in row["outputs"].values())
         tops = [e["top1"] for e in row["outputs"].values() if "top1" in e]
         row["top1"] = min(tops) if tops else None
         row["fp32_islands"] = sum(1 for n in result.report.fp32
                                   if "int8 error" in str(n.get("reason", "")))
+        counts = result.report.compute_counts()
+        row["compute_int8"] = sum(c["int8"] for c in counts.values())
+        row["compute_fp32"] = sum(c["fp32"] for c in counts.values())
+        row["int8_islands"] = len(result.report.quantized)
         fid = result.report.info.get("fidelity")
         if fid:
             row["fidelity"] = fid
@@ -177,12 +193,13 @@ def measure(name: str, configs: List[str], zoo_eval: int, log=print) -> List[Dic
 def format_row(row: Dict) -> str:
     top1 = "-" if row["top1"] is None else f"{row['top1']:.2%}"
     per = " ".join(f"{k.split(':')[0]}={v['rel_l2']:.4f}" for k, v in row["outputs"].items())
+    ops = f"{row.get('compute_int8', '?')}/{row.get('compute_fp32', '?')}"
     return (f"| {row['model']} | {row['config']} | {row['worst_rel_l2']:.4f} | {top1} | "
-            f"{row['fp32_islands']} | {per} | {row['calib']}/{row['eval']} |")
+            f"{row['fp32_islands']} | {ops} | {per} | {row['calib']}/{row['eval']} |")
 
 
-HEADER = ("| model | config | worst relL2 | top-1 agr | fp32 islands | relL2 per output "
-          "| calib/eval |\n|---|---|---|---|---|---|---|")
+HEADER = ("| model | config | worst relL2 | top-1 agr | fp32 islands | compute ops int8/fp32 "
+          "| relL2 per output | calib/eval |\n|---|---|---|---|---|---|---|---|")
 
 
 def _names(text) -> List[str]:
