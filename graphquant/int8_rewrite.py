@@ -94,8 +94,13 @@ _CACHE = _WeightCache(max_bytes=256 << 20)
 
 def corrected_bias(ctx, node: str, bias: np.ndarray) -> np.ndarray:
     """``bias`` plus the correction ``ctx.options['bias_corrections'][node]`` (float per
-    output channel, :mod:`graphquant.bias_correction`) for the int8 op replacing ``node``."""
+    output channel, :mod:`graphquant.bias_correction`) for the int8 op replacing ``node``;
+    without one, ``ctx.options['offset_bias_deltas'][node]`` (an offset input's
+    ``-c * (sum Wq - sum W)``, :mod:`graphquant.passes.offset_residual_summands`, which a
+    measured bias correction already contains)."""
     delta = (ctx.options.get("bias_corrections") or {}).get(node)
+    if delta is None:
+        delta = (ctx.options.get("offset_bias_deltas") or {}).get(node)
     return bias if delta is None else (bias + delta).astype(np.float32)
 
 

@@ -134,16 +134,18 @@ def test_stream_fp32_values_unchanged_inside_the_ranges():
     got = run_graph(out, {"x:0": x}, fetch)
     offsets = ctx.options["offsets"]
     assert np.allclose(got[1] - offsets["p1"], ref[1], atol=1e-5)
-    # a reader's bias loses c * (sum of the int8 weights it will use): in fp32 the
-    # reader is off by exactly c * sum(w - w_int8), the weight rounding
+    # a reader's bias loses c * (sum of its fp32 weights): exact in fp32 (a reader left
+    # fp32 by a fallback computes what it did) ...
+    assert np.allclose(got[2], ref[2], atol=1e-4)
+    # ... and its int8 op gets c * sum(w - w_int8) more, for the weights it will use
     before = GraphIndex(gd)
     w = const_value(before.node(before.nodes["e_conv"].input[1]))
     qw = quantize_weights(ctx, w, "conv", signed_input=False)
     w_int8 = qw.values.astype(np.float64) * qw.step
-    expected = ref[2] + offsets["p1"] * (w - w_int8).sum(axis=(0, 1, 2))
-    assert np.allclose(got[2], expected, atol=1e-4)
-    # so the stream moves by its offset, up to that rounding carried through one block
-    assert np.abs(got[0] - offsets["s"] - ref[0]).max() < 0.05 * np.abs(ref[0]).max()
+    assert np.allclose(ctx.options["offset_bias_deltas"]["e_conv"],
+                       offsets["p1"] * (w - w_int8).sum(axis=(0, 1, 2)), atol=1e-5)
+    # so the stream moves by exactly its offset
+    assert np.abs(got[0] - offsets["s"] - ref[0]).max() < 1e-4 * np.abs(ref[0]).max() + 1e-5
 
 
 def _int8(gd, outs, x, passes):
@@ -242,3 +244,17 @@ def test_convert_keeps_the_sum_fusions_when_signed_tensors_are_shifted_too():
         sums = [n for n in result.graph_def.node
                 if b"Sum" in list(n.attr["fused_ops"].list.s)]
         assert len(sums) == 2, shift
+
+
+def test_int8_bias_takes_the_offset_delta_unless_bias_correction_measured_it():
+    from graphquant.int8_rewrite import corrected_bias
+    from graphquant.pipeline import PassContext
+
+    bias = np.array([1.0, 2.0], np.float32)
+    ctx = PassContext(inputs=["x"], outputs=["y"], options={
+        "offset_bias_deltas": {"a": np.array([0.5, -0.5], np.float32)},
+        "bias_corrections": {"b": np.array([0.25, 0.25], np.float32)}})
+    assert np.array_equal(corrected_bias(ctx, "a", bias), [1.5, 1.5])
+    ctx.options["bias_corrections"]["a"] = np.array([-1.0, 1.0], np.float32)  # contains it
+    assert np.array_equal(corrected_bias(ctx, "a", bias), [0.0, 3.0])
+    assert np.array_equal(corrected_bias(ctx, "c", bias), bias)

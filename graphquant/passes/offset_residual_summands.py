@@ -28,9 +28,16 @@ moved into biases makes them fusable; every sum is unchanged::
   output is the offset ``s' >= 0``); its readers must take the offset too.
 * Every reader of an offset tensor must absorb it: a conv (Conv2D or
   depthwise) that reads it with no zero padding, followed by a BiasAdd whose
-  bias loses ``c · ΣW`` (ΣW: the int8 weights ``quantize_conv`` will use,
-  summed over each output's window, so the integer conv sees the same sum),
-  or a residual Add as above.  Otherwise the tensor is left alone.
+  bias loses ``c · ΣW`` (ΣW: its fp32 weights summed over each output's
+  window, so the fp32 graph computes exactly what it did -- also for a reader
+  that stays fp32), or a residual Add as above.  Otherwise the tensor is left
+  alone.  The int8 reader computes with ``Wq``: it needs ``-c · (ΣWq - ΣW)``
+  more, kept in ``ctx.options['offset_bias_deltas']`` (node -> per channel) and
+  added by :func:`graphquant.int8_rewrite.corrected_bias` -- unless bias
+  correction measured that reader, whose ``-E[(Wq - W) · (u + c)]`` contains it.
+  (With ΣWq in the fp32 bias, every fp32 fallback reading MobileNetV2's
+  residual stream was off by ``c · (ΣW - ΣWq)``: relL2 0.11 with every conv
+  fp32; and bias correction, measuring on that graph, added the term twice.)
 * The Sum fusion writes into the summand's buffer, so the summand's other
   readers must run before the Sum conv (be its ancestors); the Add is left
   alone when they may not.
@@ -197,16 +204,18 @@ def _plan(index, ranges, residuals, shapes, protected) -> Set[str]:
     return chosen
 
 
-def _weight_sums(ctx, conv, weights: np.ndarray) -> np.ndarray:
-    """Per output channel, the sum of the int8-exact weights one output reads."""
+def _weight_sums(ctx, conv, weights: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per output channel, the sum of the weights one output reads: (fp32, int8-exact)."""
     kind = "depthwise" if conv.op == "DepthwiseConv2dNative" else "conv"
     qw = quantize_weights(ctx, weights.astype(np.float32), kind, signed_input=False)
     step = np.asarray(qw.step, np.float64)
     values = qw.values.astype(np.float64)
     if kind == "depthwise":
         h, w, cin, mult = weights.shape
-        return (values.reshape(h, w, cin * mult) * step).sum(axis=(0, 1))
-    return (values * step).sum(axis=(0, 1, 2))
+        return (weights.astype(np.float64).reshape(h, w, cin * mult).sum(axis=(0, 1)),
+                (values.reshape(h, w, cin * mult) * step).sum(axis=(0, 1)))
+    return (weights.astype(np.float64).sum(axis=(0, 1, 2)),
+            (values * step).sum(axis=(0, 1, 2)))
 
 
 # --------------------------------------------------------------------------- the rewrite
@@ -230,6 +239,7 @@ def offset_residual_summands(graph_def, ctx):
 
     offset = {t: max(0.0, -float(ranges[canonical_tensor(t)][0])) for t in chosen}
     bias_delta: Dict[str, np.ndarray] = {}   # BiasAdd name -> added to its bias
+    int8_delta = dict(ctx.options.get("offset_bias_deltas") or {})  # conv -> int8 bias extra
     moved: Dict[str, float] = {}             # node name -> its value's offset
 
     def add_delta(bias_add: str, delta):
@@ -243,7 +253,10 @@ def offset_residual_summands(graph_def, ctx):
             branch = _absorbing_conv(index, reader, i, shapes)
             if branch is not None and offset[t]:
                 weights = const_value(index.node(data_inputs(reader)[1]))
-                add_delta(branch[0].name, -offset[t] * _weight_sums(ctx, reader, weights))
+                exact, as_int8 = _weight_sums(ctx, reader, weights)
+                add_delta(branch[0].name, -offset[t] * exact)
+                int8_delta[reader.name] = (int8_delta.get(reader.name, 0.0)
+                                           - offset[t] * (as_int8 - exact))
     for name, res in active.items():
         d = offset.get(name, 0.0) - offset.get(res.u, 0.0)
         add_delta(res.o, d)
@@ -292,5 +305,6 @@ def offset_residual_summands(graph_def, ctx):
     for name, d in moved.items():
         if d:
             offsets[name] = offsets.get(name, 0.0) + float(d)
-    ctx.options.update(ranges=ranges, offsets=offsets)
+    ctx.options.update(ranges=ranges, offsets=offsets, offset_bias_deltas={
+        name: np.asarray(d, np.float32) for name, d in int8_delta.items()})
     return out
