@@ -212,3 +212,49 @@ def test_padded_conv_on_the_graph_input_pads_before_the_shift(padding):
     assert shift.op == "AddV2" and index.node(shift.input[0]).op == "Pad"
     assert index.node(shift.input[0]).input[0] == "x"
     assert ctx.options["ranges"][f"{shift.name}:0"][0] == 0.0
+
+
+def test_without_bias_correction_the_int8_reader_gets_the_rounding_of_lo_sum_w():
+    """Input exact on the quint8 grid, weights not representable, no bias correction: the
+    int8 reader's error is its weight rounding times y (not y - lo: the int8 bias takes
+    lo * (sum Wq - sum W), recorded in ctx.options['offset_bias_deltas'])."""
+    from graphquant.bias_correction import dequantized_weights
+    from graphquant.int8_rewrite import quantize_weights
+    from graphquant.target import resolve
+
+    t = tf()
+    lo, hi = -1.5, 2.5
+    step = (hi - lo) / 255
+    w = RNG.normal(0, 0.3, (1, 1, 8, 6)).astype(np.float32)
+    bias = RNG.normal(0, 0.1, 6).astype(np.float32)
+
+    def body(x):
+        z = t.nn.bias_add(t.nn.conv2d(x, t.constant(w), 1, "VALID", name="conv"),
+                          t.constant(bias))
+        return t.identity(z, name="out")
+
+    gd, outs = build_graph(body, x=[1, 6, 6, 8])
+    levels = [RNG.integers(0, 256, (1, 6, 6, 8)) for _ in range(6)]
+    for lv in levels:
+        lv[0, 0, 0, 0], lv[0, 0, 0, 1] = 0, 255
+    xs = [(lo + lv * step).astype(np.float32) for lv in levels]
+    # the pass alone: the recorded int8 delta is lo * (sum Wq - sum W) per channel
+    ranges, _ = calibrate(gd, calibration_tensors(gd), [{"x:0": x} for x in xs])
+    ctx = PassContext.for_graph(gd, outputs=outs)
+    ctx.options.update(ranges=dict(ranges), shapes=tensor_shapes(gd), target=resolve("avx2"),
+                       pair_weights=True)
+    run_pipeline(gd, ["shift_signed_activations"], ctx)
+    qw = quantize_weights(ctx, w, "conv", False)
+    wq = dequantized_weights(qw, "conv", w.shape)
+    expect = ranges["x:0"][0] * (wq - w.astype(np.float64)).sum(axis=(0, 1, 2))
+    assert np.allclose(ctx.options["offset_bias_deltas"]["conv"], expect, atol=1e-6)
+    # end to end: |int8 - fp32| <= sum |Wq - W| |y| + the int32 bias rounding
+    result = convert(gd, xs, outputs=outs, target="avx2", shift_signed=True, pair_weights=True,
+                     bias_correction=False, max_layer_error=None, calibration="minmax")
+    ref, got = GraphRunner(gd, outs), GraphRunner(result.graph_def, outs)
+    w_err = np.abs(wq - w).reshape(8, 6)
+    s_bias = step * np.asarray(qw.step, np.float64).reshape(-1)
+    for x in xs:
+        bound = np.abs(x).reshape(-1, 8) @ w_err + 0.5 * s_bias + 1e-4
+        err = np.abs(got({"x:0": x})[0] - ref({"x:0": x})[0]).reshape(-1, 6)
+        assert np.all(err <= bound)

@@ -243,10 +243,14 @@ def _add_to_bias(ed: _Editor, index: GraphIndex, conv: str, delta: np.ndarray,
 
 
 def shift_tensor(graph_def: graph_pb2.GraphDef, tensor: str, lo: float, ranges, shapes,
-                 protected, added: Optional[List[Tuple[str, str]]] = None
+                 protected, added: Optional[List[Tuple[str, str]]] = None,
+                 int8_deltas: Optional[Dict[str, np.ndarray]] = None, int8_sums=None
                  ) -> Tuple[graph_pb2.GraphDef, Optional[str]]:
     """Shift ``tensor`` by ``-lo`` for the readers that absorb it; (graph, mode or None).
-    ``added`` collects (node, why) for every fp32 op added (AddV2, Pad)."""
+    ``added`` collects (node, why) for every fp32 op added (AddV2, Pad).  With
+    ``int8_sums(node, weights)`` (the per-channel sums of the int8 weights the reader
+    will use), ``int8_deltas[reader]`` gets ``lo * (sum Wq - sum W)``: what the int8
+    reader needs on top of the exact fp32 bias."""
     index = GraphIndex(graph_def)
     plan = _plan(index, tensor, shapes, protected)
     t = parse_tensor_name(tensor)
@@ -290,11 +294,14 @@ def shift_tensor(graph_def: graph_pb2.GraphDef, tensor: str, lo: float, ranges, 
         if key in ranges:
             r_lo, r_hi = ranges[key]
             ranges[key] = (max(0.0, float(r_lo - lo)), float(r_hi - lo))
-    for reader, weights in plan.absorbing:
-        _add_to_bias(ed, index, reader, lo * weight_sums(index.node(reader), weights))
-    for reader, weights, pads in plan.padded:
-        _pad_first(ed, str(t), reader, pads, lo, ranges, hi)
-        _add_to_bias(ed, index, reader, lo * weight_sums(index.node(reader), weights))
+    for reader, weights, pads in [(r, w, None) for r, w in plan.absorbing] + plan.padded:
+        if pads is not None:
+            _pad_first(ed, str(t), reader, pads, lo, ranges, hi)
+        exact = weight_sums(index.node(reader), weights)
+        _add_to_bias(ed, index, reader, lo * exact)
+        if int8_sums is not None and int8_deltas is not None:
+            int8_deltas[reader] = (int8_deltas.get(reader, 0.0)
+                                   + lo * (int8_sums(index.node(reader), weights) - exact))
     if plan.padded:
         mode += f"; zero padding made explicit before the shift for {len(plan.padded)} convs"
     if added is not None:
@@ -356,17 +363,31 @@ def shift_signed_activations(graph_def, ctx):
         from graphquant.execute import tensor_shapes
 
         shapes = tensor_shapes(graph_def)
+    int8_deltas = dict(ctx.options.get("offset_bias_deltas") or {})
+
+    def int8_sums(node, weights):   # the weights the int8 reader (unsigned input) will use
+        from graphquant.bias_correction import KINDS, dequantized_weights
+        from graphquant.int8_rewrite import quantize_weights
+
+        kind = KINDS[node.op]
+        tb = kind == "matmul" and node.attr["transpose_b"].b
+        qw = quantize_weights(ctx, weights.astype(np.float32), kind, False, transpose_b=tb)
+        return weight_sums(node, dequantized_weights(qw, kind, weights.shape, tb))
+
     for tensor, _ in _candidates(graph_def, ranges):
         lo = ranges[tensor][0]       # an earlier shift may have moved it (pools, reshapes)
         if lo >= 0:
             continue
         added: List[Tuple[str, str]] = []
         graph_def, how = shift_tensor(graph_def, tensor, lo, ranges, shapes, ctx.protected,
-                                      added)
+                                      added, int8_deltas, int8_sums)
         if how:
             ctx.note(PASS, node_name(tensor), f"signed tensor stored as y - ({lo:.4g}) >= 0: "
                      + how)
         for name, why in added:
             ctx.note(PASS, name, f"fp32 op added by {PASS}: {why}", kind="fp32")
     ctx.options["ranges"] = ranges
+    # int8 readers: the weight rounding of lo * sum(W) (graphquant.int8_rewrite.corrected_bias)
+    ctx.options["offset_bias_deltas"] = {name: np.asarray(d, np.float32)
+                                         for name, d in int8_deltas.items()}
     return graph_def
