@@ -179,6 +179,11 @@ def measure(name: str, configs: List[str], zoo_eval: int, log=print) -> List[Dic
         row["compute_int8"] = sum(c["int8"] for c in counts.values())
         row["compute_fp32"] = sum(c["fp32"] for c in counts.values())
         row["int8_islands"] = len(result.report.quantized)
+        own = [q["own_sqnr_db"] for q in result.report.quantized
+               if np.isfinite(q.get("own_sqnr_db", np.nan))]
+        if own:   # per-layer error on the calibration data (sensitivity probe)
+            row["own_sqnr_db_median"] = float(np.median(own))
+            row["own_sqnr_db_min"] = float(np.min(own))
         fid = result.report.info.get("fidelity")
         if fid:
             row["fidelity"] = fid
