@@ -89,6 +89,10 @@ CONFIGS: Dict[str, dict] = {
 }
 
 
+#: fp32 graph on noisy inputs (no conversion): config name -> input noise relative L2
+NOISE = {"fp32_noise_0.003": 0.003, "fp32_noise_0.01": 0.01}
+
+
 def load_model(name: str, zoo_eval: int):
     """(pb path, input names, output names, calib feeds, eval feeds)."""
     from graphquant.calib_data import open_data
@@ -138,6 +142,11 @@ def measure(name: str, configs: List[str], zoo_eval: int, log=print) -> List[Dic
     reference_every = run_all(graph_def, outs, every) if every else None
     rows = []
     for config in configs:
+        if config.startswith("fp32_noise"):
+            rows.append(noise_row(name, config, graph_def, outs, evals, reference, classes,
+                                  len(calib)))
+            log(format_row(rows[-1]))
+            continue
         start = time.time()
         kwargs = dict(CONFIGS[config])
         held, ref = evals, reference
@@ -195,6 +204,32 @@ def measure(name: str, configs: List[str], zoo_eval: int, log=print) -> List[Dic
     return rows
 
 
+def noise_row(name, config, graph_def, outs, evals, reference, classes, calib) -> Dict:
+    """The fp32 graph itself on its evaluation inputs plus Gaussian noise of relative L2
+    ``NOISE[config]`` (seeded): how far the outputs move under a perturbation of the input
+    (8-bit rounding of an image is about 0.003), the floor under any int8 error."""
+    from graphquant import metrics
+
+    level = NOISE[config]
+    rng = np.random.default_rng(0)
+    noisy = []
+    for feed in evals:
+        noisy.append({k: (v + rng.normal(0, level * np.sqrt(np.mean(np.square(v))), v.shape)
+                          ).astype(v.dtype) for k, v in feed.items()})
+    got = run_all(graph_def, outs, noisy)
+    row = {"model": name, "config": config, "calib": calib, "eval": len(evals),
+           "convert_seconds": 0.0, "outputs": {}, "fp32_islands": "-"}
+    for out, r, c, k in zip(outs, reference, got, classes):
+        entry = {"rel_l2": metrics.relative_l2(r, c)}
+        if k and metrics.is_classification(r) and r.shape[1] <= 1000:
+            entry["top1"] = metrics.topk_agreement(r, c, 1)
+        row["outputs"][out] = entry
+    row["worst_rel_l2"] = max(e["rel_l2"] for e in row["outputs"].values())
+    tops = [e["top1"] for e in row["outputs"].values() if "top1" in e]
+    row["top1"] = min(tops) if tops else None
+    return row
+
+
 def format_row(row: Dict) -> str:
     top1 = "-" if row["top1"] is None else f"{row['top1']:.2%}"
     per = " ".join(f"{k.split(':')[0]}={v['rel_l2']:.4f}" for k, v in row["outputs"].items())
@@ -230,7 +265,7 @@ def define_flags():
 
     flags.DEFINE_string("models", None, "comma-separated model names (default: all)")
     flags.DEFINE_string("configs", "default", "comma-separated config names: "
-                        + ", ".join(CONFIGS))
+                        + ", ".join(list(CONFIGS) + list(NOISE)))
     flags.DEFINE_integer("zoo_eval", 100, "ImageNet evaluation images for the zoo models")
     flags.DEFINE_string("json_out", None, "write the rows as JSON here")
 
