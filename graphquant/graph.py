@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import heapq
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -48,8 +49,10 @@ class TensorName:
         return self.node if self.port == 0 else f"{self.node}:{self.port}"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_tensor_name(name: str) -> TensorName:
-    """Parse ``name``, ``name:3`` or ``^name`` into a :class:`TensorName`."""
+    """Parse ``name``, ``name:3`` or ``^name`` into a :class:`TensorName` (immutable, so
+    shared: every graph index parses every input string again)."""
     if name.startswith("^"):
         return TensorName(name[1:], 0, True)
     node, sep, port = name.rpartition(":")
