@@ -252,3 +252,13 @@ def test_old_fields_still_work(report):
     for key in ("info", "quantized", "fp32", "notes", "ops_before", "ops_after", "bytes_before",
                 "bytes_after", "calibration"):
         assert key in d
+
+
+def test_target_description_names_the_weights_written():
+    from graphquant.convert import _weight_format
+    from graphquant.target import resolve
+    avx2 = resolve("avx2")
+    assert "8-bit weights limited per adjacent input-channel pair" in _weight_format(avx2, True)
+    assert "|w| <= 63" not in _weight_format(avx2, True)
+    assert "7-bit weights" in _weight_format(avx2, False)
+    assert _weight_format(resolve("vnni"), True) == resolve("vnni").description
