@@ -144,7 +144,7 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     info = {"graphquant": graphquant.__version__, "target": tgt.name,
             "target_description": _weight_format(tgt, pair_weights),
             "weight_max_level": ctx.options["weight_max_level"], "calibration": calibration,
-            "per_channel": not per_tensor, "op_family": "_FusedQuantizedConv2D/_QuantizedMatMul"}
+            "per_channel": not per_tensor, "pair_weights": pair_weights, "op_family": "_FusedQuantizedConv2D/_QuantizedMatMul"}
     if fid is not None:
         info["fidelity"] = fid.to_dict()                 # issue 6
     int8.node.add().CopyFrom(make_const(INFO_NODE, np.array(json.dumps(info, sort_keys=True),

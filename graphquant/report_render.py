@@ -109,7 +109,9 @@ def _facts(report) -> List[tuple]:
             ("target CPU", f"{info.get('target')} - {info.get('target_description', '')}"),
             ("int8 op family", info.get("op_family", "")),
             ("weights", ("per-channel" if info.get("per_channel", True) else "per-tensor")
-             + f", max level {info.get('weight_max_level')} on u8-input convs"),
+             + (", 8-bit, limited per adjacent input-channel pair (exact on avx2)"
+                if info.get("pair_weights") and info.get("target") == "avx2"
+                else f", max level {info.get('weight_max_level')} on u8-input convs")),
             ("calibration", f"{cal.get('method') or info.get('calibration')} on "
              + (cal.get("source") or f"{cal.get('samples')} samples")
              + f" ({cal.get('feeds')} runs); {cal.get('tensors')} tensors measured"

@@ -262,3 +262,15 @@ def test_target_description_names_the_weights_written():
     assert "|w| <= 63" not in _weight_format(avx2, True)
     assert "7-bit weights" in _weight_format(avx2, False)
     assert _weight_format(resolve("vnni"), True) == resolve("vnni").description
+
+
+def test_markdown_weights_row_follows_pair_weights():
+    from graphquant.report_render import _facts
+
+    class R:
+        calibration, inputs, outputs, bytes_before, bytes_after = {}, [], [], 100, 25
+        files, speed = {}, None
+        info = {"target": "avx2", "weight_max_level": 63, "pair_weights": True}
+    assert "limited per adjacent input-channel pair" in dict(_facts(R))["weights"]
+    R.info = dict(R.info, pair_weights=False)
+    assert "max level 63" in dict(_facts(R))["weights"]
