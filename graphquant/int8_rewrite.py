@@ -168,3 +168,15 @@ class QTensor:
     @property
     def range_max(self) -> float:
         return quant_math.activation_range(self.range[0], self.range[1], self.signed)[1]
+
+
+def note_weighted_int8(ctx, pass_name: str, match: Match, op, source_op: str, fused,
+                       input_range, output_range, qw, weight_consts) -> None:
+    """The int8 note of a conv/matmul island: what the report and the accuracy passes read
+    (ranges, the weights' format and the names of the Consts the int8 op reads)."""
+    ctx.note(pass_name, match.root.name, "quantized", kind="int8", op=source_op, int8_op=op.op,
+             fused_ops=fused, input_range=list(input_range), output_range=list(output_range),
+             weight_range=[float(qw.min_range.min()), float(qw.max_range.max())],
+             per_channel=qw.per_channel, weight_max_level=qw.max_level,
+             weight_consts=weight_consts,
+             nodes=[n.name for n in match.matched if n.op != "Const"])

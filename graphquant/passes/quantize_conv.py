@@ -36,8 +36,8 @@ import numpy as np
 from graphquant import quant_math
 from graphquant.graph import const_value, node_name
 from graphquant.int8_ops import fused_quantized_conv
-from graphquant.int8_rewrite import (Island, corrected_bias, excluded, planned_range,
-                                     quantize_weights)
+from graphquant.int8_rewrite import (Island, corrected_bias, excluded, note_weighted_int8,
+                                     planned_range, quantize_weights)
 from graphquant.pattern import Any, Const, OpTypePattern, Replacement, rewrite
 from graphquant.pipeline import register_pass
 
@@ -166,12 +166,8 @@ def _quantize(match, rctx, ctx):
         min_freezed_output=min_out, max_freezed_output=max_out, depthwise=depthwise, **summand)
     isl.nodes.append(op)
     isl.dequantize(op.name, min_out, max_out, out_signed)
-    ctx.note(PASS, root.name, "quantized", kind="int8", op=conv.op, int8_op=op.op,
-             fused_ops=fused, input_range=list(x_range), output_range=[out_lo, out_hi],
-             weight_range=[float(qw.min_range.min()), float(qw.max_range.max())],
-             per_channel=qw.per_channel, weight_max_level=qw.max_level,
-             weight_consts={"values": w, "min": min_w, "max": max_w},
-             nodes=[n.name for n in match.matched if n.op != "Const"])
+    note_weighted_int8(ctx, PASS, match, op, conv.op, fused, x_range, [out_lo, out_hi], qw,
+                       {"values": w, "min": min_w, "max": max_w})
     return Replacement(nodes=isl.nodes)
 
 
