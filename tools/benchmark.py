@@ -340,9 +340,8 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
-    if len(argv) not in (2, 3):
-        raise GraphQuantError("expected FP32.pb [INT8.pb]",
-                              "python tools/benchmark.py fp32.pb int8.pb")
+    argv = [argv[0]] + common.graph_paths(argv, "FP32.pb [INT8.pb]",
+                                          "python tools/benchmark.py fp32.pb int8.pb")
     from tools.export import parse_batch
 
     batches = [parse_batch(b) for b in f.batch_sizes]
@@ -368,16 +367,12 @@ def define_flags():
     flags.DEFINE_list("batch_sizes", [], "batch sizes for graphs with a dynamic batch "
                       "(default: the graph's fixed batch, else 1)")
     flags.DEFINE_list("threads", ["2"], "TensorFlow intra-op thread counts to try")
-    flags.DEFINE_string("data", "random", "random, or a .npy/.npz file or image folder")
-    flags.DEFINE_string("image_spec", None, "image preprocessing spec (default: sidecar json)")
+    common.define_data_flags()
     flags.DEFINE_integer("warmup", 3, "untimed runs per graph before timing")
     flags.DEFINE_integer("rounds", 10, "interleaved timed rounds")
     flags.DEFINE_integer("runs", 3, "runs per round (their mean is the round's latency)")
     flags.DEFINE_bool("onednn_off", False, "also time fp32 with oneDNN off (child process)")
     flags.DEFINE_bool("serve", False, "internal: be the oneDNN-off child (rounds on request)")
-    flags.DEFINE_string("inputs", None, "input names (default: sidecar json or Placeholders)")
-    flags.DEFINE_string("outputs", None, "output tensor names (default: sidecar json or sinks)")
-    flags.DEFINE_string("json_out", None, "write the results as JSON here")
     flags.DEFINE_bool("quiet", False, "no progress on stderr")
 
 

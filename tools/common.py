@@ -132,6 +132,24 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def graph_paths(argv, usage: str, example: str) -> List[str]:
+    """The one or two graph paths after the script's name, or a usage error."""
+    if len(argv) not in (2, 3):
+        raise GraphQuantError(f"expected {usage}", example)
+    return list(argv[1:])
+
+
+def define_data_flags() -> None:
+    """--data, --image_spec, --inputs, --outputs, --json_out: the tools' shared input flags."""
+    from absl import flags
+
+    flags.DEFINE_string("data", "random", "random, or a .npy/.npz file or image folder")
+    flags.DEFINE_string("image_spec", None, "image preprocessing spec (default: sidecar json)")
+    flags.DEFINE_string("inputs", None, "input names (default: sidecar json or Placeholders)")
+    flags.DEFINE_string("outputs", None, "output tensor names (default: sidecar json or sinks)")
+    flags.DEFINE_string("json_out", None, "write the results as JSON here")
+
+
 def run_app(main, define_flags) -> None:
     """absl app with graphquant errors printed as ``error: ... fix: ...`` (exit status 2)."""
     from absl import app

@@ -214,9 +214,8 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
-    if len(argv) not in (2, 3):
-        raise GraphQuantError("expected REFERENCE.pb [CANDIDATE.pb]",
-                              "python tools/evaluate.py fp32.pb int8.pb --data=...")
+    argv = [argv[0]] + common.graph_paths(argv, "REFERENCE.pb [CANDIDATE.pb]",
+                                          "python tools/evaluate.py fp32.pb int8.pb --data=...")
     result = evaluate(argv[1], argv[2] if len(argv) == 3 else None, f.data, f.image_spec,
                       f.split, f.limit, common.split_names(f.inputs),
                       common.split_names(f.outputs), f.batch_size, f.threads, f.labels,

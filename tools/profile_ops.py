@@ -27,7 +27,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from tools import common  # noqa: E402  (imports graphquant first)
 from tools.benchmark import fixed_batch, input_specs, make_feeds  # noqa: E402
 
-from graphquant.errors import GraphQuantError  # noqa: E402
 from graphquant.graph_io import load_graph_def  # noqa: E402
 
 
@@ -101,12 +100,11 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
-    if len(argv) not in (2, 3):
-        raise GraphQuantError("expected GRAPH.pb [GRAPH2.pb]",
-                              "python tools/profile_ops.py fp32.pb int8.pb")
+    paths = common.graph_paths(argv, "GRAPH.pb [GRAPH2.pb]",
+                               "python tools/profile_ops.py fp32.pb int8.pb")
     results = [profile(path, f.batch, f.threads, f.warmup, f.runs, f.data, f.image_spec,
                        common.split_names(f.inputs), common.split_names(f.outputs))
-               for path in argv[1:]]
+               for path in paths]
     print(format_table(results, f.top))
     if f.json_out:
         common.write_json(f.json_out, results)
@@ -121,11 +119,7 @@ def define_flags():
     flags.DEFINE_integer("warmup", 3, "untraced runs first")
     flags.DEFINE_integer("runs", 5, "traced runs (a node's time is its median)")
     flags.DEFINE_integer("top", 15, "rows per table")
-    flags.DEFINE_string("data", "random", "random, or a .npy/.npz file or image folder")
-    flags.DEFINE_string("image_spec", None, "image preprocessing spec (default: sidecar json)")
-    flags.DEFINE_string("inputs", None, "input names (default: sidecar json or Placeholders)")
-    flags.DEFINE_string("outputs", None, "output tensor names (default: sidecar json or sinks)")
-    flags.DEFINE_string("json_out", None, "write the results as JSON here")
+    common.define_data_flags()
 
 
 if __name__ == "__main__":
