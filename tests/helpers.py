@@ -59,3 +59,34 @@ def build_graph(fn, **inputs):
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def run_in_fresh_python(graph_def, x: np.ndarray, fetch: str, tmp_path) -> dict:
+    """Run ``graph_def`` on ``{'x:0': x}`` in a new ``python`` that imports TensorFlow itself
+    (no graphquant), once with TF_ENABLE_ONEDNN_OPTS unset and once with it 0: the setting
+    (None or "0") -> the fetched array.  A failing process fails the test with its stderr."""
+    import subprocess
+    import sys
+
+    from graphquant.graph_io import save_graph_def
+
+    path, x_path = os.path.join(tmp_path, "fresh.pb"), os.path.join(tmp_path, "fresh_x.npy")
+    save_graph_def(graph_def, path)
+    np.save(x_path, x)
+    code = (
+        "import numpy as np, tensorflow as tf\n"
+        f"gd = tf.compat.v1.GraphDef(); gd.ParseFromString(open({path!r}, 'rb').read())\n"
+        "g = tf.Graph()\n"
+        "with g.as_default(): tf.graph_util.import_graph_def(gd, name='')\n"
+        f"x = np.load({x_path!r})\n"
+        f"print(tf.compat.v1.Session(graph=g).run({fetch!r}, {{'x:0': x}}).tolist())\n")
+    results = {}
+    for setting in (None, "0"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TF_ENABLE_ONEDNN")}
+        if setting is not None:
+            env["TF_ENABLE_ONEDNN_OPTS"] = setting
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        results[setting] = np.array(json.loads(r.stdout.strip().splitlines()[-1]))
+    return results

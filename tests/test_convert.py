@@ -12,7 +12,7 @@ from graphquant.convert import convert, graph_info
 from graphquant.errors import CalibrationDataError
 from graphquant.execute import GraphRunner
 from graphquant.graph_io import load_graph_def, save_graph_def
-from helpers import ROOT, rel_l2
+from helpers import ROOT, rel_l2, run_in_fresh_python
 
 MODEL = os.path.join(ROOT, "models", "fer_mini_xception.pb")
 INPUTS = os.path.join(ROOT, "models", "fer_mini_xception_inputs.npy")
@@ -115,23 +115,6 @@ def test_every_emitted_op_runs_in_a_fresh_default_python(tmp_path):
     assert not ops & {"Conv2D", "MatMul", "DepthwiseConv2dNative", "MaxPool", "AvgPool"}
     sums = [n for n in result.graph_def.node if b"Sum" in list(n.attr["fused_ops"].list.s)]
     assert len(sums) == 1
-    path = tmp_path / "all.pb"
-    save_graph_def(result.graph_def, str(path))
-    np.save(tmp_path / "x.npy", x[0])
-    code = (
-        "import numpy as np, tensorflow as tf\n"
-        f"gd = tf.compat.v1.GraphDef(); gd.ParseFromString(open({str(path)!r}, 'rb').read())\n"
-        "g = tf.Graph()\n"
-        "with g.as_default(): tf.graph_util.import_graph_def(gd, name='')\n"
-        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
-        "print(tf.compat.v1.Session(graph=g).run('out:0', {'x:0': x}).tolist())\n")
     expect = GraphRunner(result.graph_def, ["out:0"])({"x:0": x[0]})[0]
-    for setting in (None, "0"):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TF_ENABLE_ONEDNN")}
-        if setting is not None:
-            env["TF_ENABLE_ONEDNN_OPTS"] = setting
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        got = np.array(json.loads(r.stdout.strip().splitlines()[-1]))
+    for got in run_in_fresh_python(result.graph_def, x[0], "out:0", tmp_path).values():
         np.testing.assert_allclose(got, expect, atol=0.02)  # AvgPool rounds 1 step differently

@@ -1,18 +1,12 @@
 """quantize_pad: a zero Pad between int8 ops pads the integers (bit-exact); lone Pads stay fp32."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 
 from graphquant.execute import run_graph
 from graphquant.graph import GraphIndex, const_value
-from graphquant.graph_io import save_graph_def
 from graphquant.pipeline import QUANTIZE_PIPELINE
 from graphquant.runtime import tf
-from helpers import build_graph
+from helpers import build_graph, run_in_fresh_python
 from int8_helpers import ops, output_step, quantize_tiny
 
 RNG = np.random.default_rng(9)
@@ -81,23 +75,6 @@ def test_integer_pad_runs_in_a_fresh_default_python(tmp_path):
     int8, _, _ = quantize_tiny(gd, outs, {"x:0": x}, QUANTIZE_PIPELINE)
     assert any(n.op == "ConcatV2" and n.attr["T"].type == tf().quint8.as_datatype_enum
                for n in int8.node)
-    path = tmp_path / "pad.pb"
-    save_graph_def(int8, str(path))
-    np.save(tmp_path / "x.npy", x)
-    code = (
-        "import numpy as np, tensorflow as tf\n"
-        f"gd = tf.compat.v1.GraphDef(); gd.ParseFromString(open({str(path)!r}, 'rb').read())\n"
-        "g = tf.Graph()\n"
-        "with g.as_default(): tf.graph_util.import_graph_def(gd, name='')\n"
-        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
-        f"print(tf.compat.v1.Session(graph=g).run({outs[0]!r}, {{'x:0': x}}).tolist())\n")
     expect = run_graph(int8, {"x:0": x}, outs)[0]
-    for setting in (None, "0"):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TF_ENABLE_ONEDNN")}
-        if setting is not None:
-            env["TF_ENABLE_ONEDNN_OPTS"] = setting
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        got = np.array(json.loads(r.stdout.strip().splitlines()[-1]))
+    for got in run_in_fresh_python(int8, x, outs[0], tmp_path).values():
         np.testing.assert_array_equal(got, expect)
