@@ -142,25 +142,16 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
         if note["node"] in errors:
             note.update(errors[note["node"]].to_dict())
     info = {"graphquant": graphquant.__version__, "target": tgt.name,
-            "target_description": _weight_format(tgt, pair_weights),
+            "target_description": target_mod.description_with_weights(tgt, pair_weights),
             "weight_max_level": ctx.options["weight_max_level"], "calibration": calibration,
-            "per_channel": not per_tensor, "pair_weights": pair_weights, "op_family": "_FusedQuantizedConv2D/_QuantizedMatMul"}
+            "per_channel": not per_tensor, "pair_weights": pair_weights,
+            "op_family": "_FusedQuantizedConv2D/_QuantizedMatMul"}
     if fid is not None:
         info["fidelity"] = fid.to_dict()                 # issue 6
     int8.node.add().CopyFrom(make_const(INFO_NODE, np.array(json.dumps(info, sort_keys=True),
                                                              dtype=object)))
     report = ConversionReport.build(graph_def, fp32, int8, ctx, stats, info)
     return ConversionResult(int8, report)
-
-
-def _weight_format(tgt, pair_weights: bool) -> str:
-    """The target's description, naming the weights actually written (pair_weights on avx2)."""
-    if tgt.name == "avx2" and pair_weights:
-        return tgt.description.replace(
-            "7-bit weights (|w| <= 63; even values for signed-input convs)",
-            "8-bit weights limited per adjacent input-channel pair (pair_weights; "
-            "--nopair_weights: 7-bit)")
-    return tgt.description
 
 
 def quantize_graph(fp32: graph_pb2.GraphDef, ranges, ctx,

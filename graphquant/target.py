@@ -58,6 +58,12 @@ class Target:
         return weight_format(self.name, kind, signed_input)
 
 
+#: the avx2 weight formats, as the descriptions name them
+SEVEN_BIT_WEIGHTS = "7-bit weights (|w| <= 63; even values for signed-input convs)"
+PAIR_LIMITED_WEIGHTS = ("8-bit weights limited per adjacent input-channel pair (pair_weights; "
+                        "--nopair_weights: 7-bit)")
+
+
 def weight_format(target: str, kind: str, signed_input: bool = False) -> Tuple[int, int]:
     """(max level L, multiple M) of int8 weights that are exact on ``target``.
 
@@ -107,8 +113,8 @@ def detect(flags: Iterable[str]) -> Target:
                       + "): full 8-bit weights", tuple(vnni))
     simd = [f for f in ("avx512f", "avx2") if f in flags]
     what = simd[0] if simd else "no AVX2"
-    return Target("avx2", f"{what} without VNNI: 7-bit weights (|w| <= 63; even values for "
-                  "signed-input convs) so 16-bit intermediate sums cannot saturate",
+    return Target("avx2", f"{what} without VNNI: {SEVEN_BIT_WEIGHTS} so 16-bit "
+                  "intermediate sums cannot saturate",
                   tuple(simd))
 
 
@@ -123,5 +129,13 @@ def resolve(target: str = "auto", cpuinfo_text: Optional[str] = None) -> Target:
     if target == "vnni":
         return Target("vnni", "int8 dot products with VNNI/AMX: full 8-bit weights "
                       "[chosen; exact only on CPUs with VNNI or AMX]")
-    return Target("avx2", "AVX2 without VNNI: 7-bit weights (|w| <= 63; even values for "
-                  "signed-input convs) [chosen; exact on every x86-64 CPU with AVX2]")
+    return Target("avx2", f"AVX2 without VNNI: {SEVEN_BIT_WEIGHTS} [chosen; exact on every "
+                  "x86-64 CPU with AVX2]")
+
+
+def description_with_weights(target: Target, pair_weights: bool) -> str:
+    """``target.description`` naming the weights actually written: on avx2 with
+    pair_weights, 8-bit weights limited per input-channel pair instead of 7-bit ones."""
+    if target.name == "avx2" and pair_weights:
+        return target.description.replace(SEVEN_BIT_WEIGHTS, PAIR_LIMITED_WEIGHTS)
+    return target.description

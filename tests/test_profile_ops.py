@@ -1,4 +1,4 @@
-"""tools/profile_ops.py on a tiny model: per-node and per-op times that add up (no timing bounds)."""
+"""tools/profile_ops.py on a tiny model: per-node and per-op times that add up (no timing bound)."""
 
 import json
 import subprocess

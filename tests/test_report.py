@@ -255,13 +255,13 @@ def test_old_fields_still_work(report):
 
 
 def test_target_description_names_the_weights_written():
-    from graphquant.convert import _weight_format
-    from graphquant.target import resolve
+    from graphquant.target import description_with_weights, resolve
     avx2 = resolve("avx2")
-    assert "8-bit weights limited per adjacent input-channel pair" in _weight_format(avx2, True)
-    assert "|w| <= 63" not in _weight_format(avx2, True)
-    assert "7-bit weights" in _weight_format(avx2, False)
-    assert _weight_format(resolve("vnni"), True) == resolve("vnni").description
+    paired = description_with_weights(avx2, True)
+    assert "8-bit weights limited per adjacent input-channel pair" in paired
+    assert "|w| <= 63" not in paired
+    assert "7-bit weights" in description_with_weights(avx2, False)
+    assert description_with_weights(resolve("vnni"), True) == resolve("vnni").description
 
 
 def test_markdown_weights_row_follows_pair_weights():
