@@ -134,6 +134,20 @@ class Island:
         self.nodes.append(node)
         return node.name
 
+    def weight_range_consts(self, suffix: str, qw) -> Tuple[str, str]:
+        """The (min, max) weight-range inputs of an int8 conv/matmul: ONE Const of
+        the per-channel bound ``max(|min_range|, |max_range|)`` read as both.
+
+        The weights are symmetric and every TF 2.21 quantized conv/matmul kernel
+        reads only ``max(|min_filter[c]|, |max_filter[c]|)`` (scales, bias scale,
+        the qint32 output scale; oneDNN caches them keyed on the Consts), so a
+        second vector would repeat the first with its sign flipped: sharing one
+        halves their storage (MobileNetV2: 70 KB, 0.264 -> 0.259 of the fp32 .pb)
+        and gives bit-identical outputs (tests/test_quantize_conv.py)."""
+        bound = np.maximum(np.abs(qw.min_range), np.abs(qw.max_range))
+        name = self.const(suffix, bound)
+        return name, name
+
     def range_consts(self, suffix: str, rng: Tuple[float, float], signed: bool) -> Tuple[str, str]:
         lo, hi = quant_math.activation_range(rng[0], rng[1], signed)
         return self.const(f"{suffix}_min", lo), self.const(f"{suffix}_max", hi)

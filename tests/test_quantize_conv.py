@@ -158,3 +158,38 @@ def test_int32_bias_is_exact():
     s_w = np.abs(max_filter) / 127.0
     assert max_in == pytest.approx(max(abs(ranges["x:0"][0]), abs(ranges["x:0"][1])), rel=1e-6)
     np.testing.assert_array_equal(bias_q, np.rint(b.astype(np.float64) / (s_in * s_w)))
+
+
+def _with_conventional_weight_range(int8):
+    """A copy of ``int8`` where each int8 conv/matmul reads its weight range the
+    conventional way: min = -bound and max = +bound as two Consts."""
+    from graphquant.graph import make_const
+
+    out = type(int8)()
+    out.CopyFrom(int8)
+    index = GraphIndex(int8)
+    for n in out.node:
+        if n.op in ("_FusedQuantizedConv2D", "_FusedQuantizedDepthwiseConv2D",
+                    "_QuantizedMatMul"):
+            bound = const_value(index.node(n.input[5]))
+            out.node.add().CopyFrom(make_const(n.name + "/negated_bound",
+                                               -np.asarray(bound, np.float32)))
+            n.input[5] = n.name + "/negated_bound"
+    return out
+
+
+@pytest.mark.parametrize("depthwise,per_tensor,act", [
+    (False, False, "relu"), (False, True, None), (True, False, "relu6"), (True, True, None)])
+def test_one_weight_bound_const_is_bit_identical_to_min_max_pair(depthwise, per_tensor, act):
+    """Both weight-range inputs read one Const of max|w| per channel (the kernels use
+    max(|min|, |max|)): outputs equal those with the conventional (-bound, +bound)."""
+    from graphquant.execute import run_graph
+
+    gd, outs, x, _, _ = _conv_graph(act, depthwise)
+    int8, _, _ = quantize_tiny(gd, outs, {"x:0": x}, ["quantize_conv"], per_tensor=per_tensor)
+    conv = next(n for n in int8.node if n.op.startswith("_FusedQuantized"))
+    assert conv.input[5] == conv.input[6]
+    assert np.all(const_value(GraphIndex(int8).node(conv.input[5])) > 0)
+    conventional = _with_conventional_weight_range(int8)
+    np.testing.assert_array_equal(run_graph(int8, {"x:0": x}, outs)[0],
+                                  run_graph(conventional, {"x:0": x}, outs)[0])

@@ -55,3 +55,25 @@ def test_matmul_island_and_error(act, bias_op, transpose_b):
     bound = bound + 0.5 * s_in * s_w.max() + 0.5 * step
     assert np.all(np.abs(got - ref) <= bound + 1e-6)
     assert np.sqrt(np.mean((got - ref) ** 2)) < step
+
+
+def test_one_weight_bound_const_is_bit_identical_to_min_max_pair():
+    """min_b and max_b read one Const of max|w| per column; the conventional pair
+    (-bound, +bound) gives the same outputs bit for bit."""
+    from graphquant.graph import make_const
+
+    t = tf()
+    w = RNG.normal(0, 0.2, [32, 10]).astype(np.float32)
+    gd, outs = build_graph(lambda x: t.nn.relu(t.linalg.matmul(x, t.constant(w)), name="act"),
+                           x=[4, 32])
+    x = RNG.uniform(0, 1, [4, 32]).astype(np.float32)
+    int8, _, _ = quantize_tiny(gd, outs, {"x:0": x}, ["quantize_matmul"])
+    mm = next(n for n in int8.node if n.op == "_QuantizedMatMul")
+    assert mm.input[5] == mm.input[6]
+    conventional = type(int8)()
+    conventional.CopyFrom(int8)
+    bound = const_value(GraphIndex(int8).node(mm.input[5]))
+    conventional.node.add().CopyFrom(make_const("negated_bound", -bound))
+    next(n for n in conventional.node if n.op == "_QuantizedMatMul").input[5] = "negated_bound"
+    np.testing.assert_array_equal(run_graph(int8, {"x:0": x}, outs)[0],
+                                  run_graph(conventional, {"x:0": x}, outs)[0])

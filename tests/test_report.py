@@ -108,7 +108,7 @@ def test_weight_summary_is_read_from_the_emitted_weights(result, node, w):
     names = q["weight_consts"]
     conv = next(n for n in result.graph_def.node
                 if n.op == "_FusedQuantizedConv2D" and n.input[1] == names["values"])
-    assert [conv.input[5], conv.input[6]] == [names["min"], names["max"]]   # min/max_filter
+    assert [conv.input[5], conv.input[6]] == [names["min"], names["max"]]   # one weight bound
     _check_summary(q["weights"], w, *_emitted_weights(result.graph_def, names))
 
 

@@ -138,7 +138,7 @@ def _quantize(match, rctx, ctx):
     isl = Island(rctx, root.name)
     qx = isl.quantize("input", match.tensor("x"), x_range)
     w = isl.qconst("weights", qw.values, "qint8")
-    min_w, max_w = isl.const("min_filter", qw.min_range), isl.const("max_filter", qw.max_range)
+    min_w, max_w = isl.weight_range_consts("filter_bound", qw)
     b = isl.qconst("bias", quant_math.quantize_bias(bias, qx.range_max, qx.signed,
                                                    qw.min_range, qw.max_range), "qint32")
     if act == "Relu6":

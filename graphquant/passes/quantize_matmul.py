@@ -82,7 +82,7 @@ def _quantize(match, rctx, ctx):
     isl = Island(rctx, root.name)
     qx = isl.quantize("input", match.tensor("x"), x_range)
     w = isl.qconst("weights", qw.values, "qint8")
-    min_w, max_w = isl.const("min_weights", qw.min_range), isl.const("max_weights", qw.max_range)
+    min_w, max_w = isl.weight_range_consts("weights_bound", qw)
     b = isl.const("bias", bias)
     if act == "Relu6":
         out_signed, (lo, hi) = False, (0.0, quant_math.relu6_output_range(y_range[1]))
