@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import (Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence,
                     Tuple)
@@ -254,8 +255,10 @@ def collect_statistics(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
     called after each feed (total None when unknown).  Histograms cost a few
     passes over each tensor; leave them off for ``minmax`` alone.
 
-    By default the tensors are fetched and reduced by :meth:`TensorStats.update`;
-    one feed's fetched tensors are in memory at once (ResNet50, 225 tensors:
+    By default the tensors are fetched and reduced by :meth:`TensorStats.update`,
+    in a worker thread while TensorFlow runs the next feed (one feed at a time,
+    in order: the statistics are the same as reducing after each run); two
+    feeds' fetched tensors are in memory at once (ResNet50, 225 tensors:
     ~140 MB per image).  ``in_graph=True`` reduces float32 tensors inside the
     TensorFlow run instead (:func:`_add_reductions`), so nothing large leaves
     the session; a batch where one of them holds NaN/Inf, and other dtypes,
@@ -275,51 +278,87 @@ def collect_statistics(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
     run_names = [name for r in reduced for name in r.outputs] + raw
     total = getattr(data, "num_samples", None)
     done = feeds_run = 0
-    run_seconds = stats_seconds = 0.0
-    fallback: Optional[GraphRunner] = None
-    with GraphRunner(reduced_graph, run_names, threads=threads) as runner:
-        try:
-            for feeds in data:
-                start = time.perf_counter()
-                values = runner(feeds)
-                run_seconds += time.perf_counter() - start
-                start = time.perf_counter()
-                redo = []
-                position = 0
-                for r in reduced:
-                    size, lo, hi, total_sum, *hist = values[position:position + len(r.outputs)]
-                    position += len(r.outputs)
-                    if not (np.isfinite(lo) and np.isfinite(hi) and np.isfinite(total_sum)):
-                        redo.append(r.tensor)        # NaN/Inf, or a sum that overflowed
-                    elif hist:
-                        stats[r.tensor].add_reduced(int(size), lo, hi, hist[0],
-                                                    math.ldexp(1.0, int(hist[1])))
-                    else:
-                        stats[r.tensor].add_reduced(int(size), lo, hi)
-                for tensor, value in zip(raw, values[position:]):
-                    stats[tensor].update(value)
-                stats_seconds += time.perf_counter() - start
-                if redo:
-                    if fallback is None:
-                        fallback = GraphRunner(graph_def, [r.tensor for r in reduced],
-                                               threads=threads)
-                    start = time.perf_counter()
-                    whole = dict(zip(fallback.fetches, fallback(feeds)))
-                    run_seconds += time.perf_counter() - start
-                    for tensor in redo:
-                        stats[tensor].update(whole[tensor])
-                feeds_run += 1
-                done += _feed_samples(feeds)
-                if progress:
-                    progress(done, total)
-        finally:
-            if fallback is not None:
-                fallback.close()
+    run_seconds = 0.0
+    with GraphRunner(reduced_graph, run_names, threads=threads) as runner, \
+            _Accumulator(graph_def, stats, reduced, raw, threads) as accumulator, \
+            ThreadPoolExecutor(max_workers=1) as worker:
+        pending = None      # the previous feed's statistics, reduced while the next one runs
+        for feeds in data:
+            start = time.perf_counter()
+            values = runner(feeds)
+            run_seconds += time.perf_counter() - start
+            if pending is not None:
+                pending.result()
+            pending = worker.submit(accumulator.add, feeds, values)
+            feeds_run += 1
+            done += _feed_samples(feeds)
+            if progress:
+                progress(done, total)
+        if pending is not None:
+            pending.result()
     if not feeds_run:
         raise CalibrationDataError("the calibration data yielded no feeds",
                                    "give at least one calibration sample")
     return CalibrationStats({n: stats[canonical_tensor(n)] for n in names}, done, feeds_run,
-                            run_seconds, stats_seconds, getattr(data, "source", ""))
+                            run_seconds + accumulator.seconds_run, accumulator.seconds_stats,
+                            getattr(data, "source", ""))
+
+
+class _Accumulator:
+    """Adds one feed's fetched values to the statistics (in feed order: one at a time).
+
+    Reduced tensors (``in_graph``) whose size/min/max/sum came out non-finite
+    are fetched whole once more from a graph without reductions and added by
+    :meth:`TensorStats.update`."""
+
+    def __init__(self, graph_def, stats: Dict[str, TensorStats], reduced: List["_Reduction"],
+                 raw: List[str], threads: Optional[int]):
+        self.graph_def, self.stats, self.reduced, self.raw = graph_def, stats, reduced, raw
+        self.threads = threads
+        self.fallback: Optional[GraphRunner] = None
+        self.seconds_run = self.seconds_stats = 0.0
+
+    def add(self, feeds: Mapping[str, np.ndarray], values: Sequence[np.ndarray]) -> None:
+        start = time.perf_counter()
+        redo = self._add_reduced(values[:sum(len(r.outputs) for r in self.reduced)])
+        for tensor, value in zip(self.raw, values[len(values) - len(self.raw):]):
+            self.stats[tensor].update(value)
+        self.seconds_stats += time.perf_counter() - start
+        if redo:
+            self._add_whole(feeds, redo)
+
+    def _add_reduced(self, values) -> List[str]:
+        """Add the in-graph reductions; return the tensors to fetch whole instead."""
+        redo = []
+        position = 0
+        for r in self.reduced:
+            size, lo, hi, total_sum, *hist = values[position:position + len(r.outputs)]
+            position += len(r.outputs)
+            if not (np.isfinite(lo) and np.isfinite(hi) and np.isfinite(total_sum)):
+                redo.append(r.tensor)        # NaN/Inf, or a sum that overflowed
+            elif hist:
+                self.stats[r.tensor].add_reduced(int(size), lo, hi, hist[0],
+                                                 math.ldexp(1.0, int(hist[1])))
+            else:
+                self.stats[r.tensor].add_reduced(int(size), lo, hi)
+        return redo
+
+    def _add_whole(self, feeds, tensors: List[str]) -> None:
+        if self.fallback is None:
+            self.fallback = GraphRunner(self.graph_def, [r.tensor for r in self.reduced],
+                                        threads=self.threads)
+        start = time.perf_counter()
+        whole = dict(zip(self.fallback.fetches, self.fallback(feeds)))
+        self.seconds_run += time.perf_counter() - start
+        for tensor in tensors:
+            self.stats[tensor].update(whole[tensor])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.fallback is not None:
+            self.fallback.close()
 
 
 @dataclass

@@ -108,6 +108,35 @@ def test_numpy_and_in_graph_statistics_are_identical_and_handle_nan_inf():
         collect_statistics(gd, ["lgo:0"], [{"x": batches[0]}])
 
 
+def test_statistics_reduced_beside_the_next_run_equal_reducing_after_each_run():
+    # collect_statistics reduces feed k in a worker thread while feed k+1 runs
+    gd, _ = _conv_graph()
+    feeds = [{"x:0": _samples(1, seed=k) * 4.0 ** k} for k in range(5)]   # bounds grow
+    seen = []
+    stats = collect_statistics(gd, TENSORS, feeds, progress=lambda d, t: seen.append(d))
+    assert seen == [1, 2, 3, 4, 5] and stats.num_feeds == 5
+    with GraphRunner(gd, TENSORS) as runner:
+        expected = {name: TensorStats(name) for name in runner.fetches}
+        for feed in feeds:
+            for name, value in zip(runner.fetches, runner(feed)):
+                expected[name].update(value)
+    for name, s in zip(runner.fetches, (stats[t] for t in TENSORS)):
+        e = expected[name]
+        assert (s.count, s.min, s.max, s.bound) == (e.count, e.min, e.max, e.bound)
+        np.testing.assert_array_equal(s.counts, e.counts)
+
+
+def test_a_failing_feed_stops_calibration_with_its_error():
+    gd, _ = _conv_graph()
+
+    def feeds():
+        yield {"x:0": _samples(1)}
+        yield {"x:0": np.zeros((1, 5, 5, 2), np.float32)}      # wrong shape
+
+    with pytest.raises(GraphQuantError, match="cannot feed"):
+        collect_statistics(gd, TENSORS, feeds())
+
+
 def test_per_tensor_methods_and_option_errors():
     gd, _ = _conv_graph()
     data = open_data([s[None] for s in _samples(3)], gd)
