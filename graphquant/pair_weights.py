@@ -35,6 +35,10 @@ Layouts: conv filters ``[h, w, in, out]`` pair along ``in``; matmul weights
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import List
+
 import numpy as np
 
 from graphquant.quant_math import KERNEL_WEIGHT_DIVISOR, MIN_RANGE, QuantizedWeights
@@ -79,12 +83,12 @@ def _round_pairs(pairs: np.ndarray, step: np.ndarray, scaled: np.ndarray = None,
     search reuses them; the result may be ``rounded``)."""
     scaled = np.divide(pairs, step, out=scaled)
     np.clip(scaled, -MAX_LEVEL, MAX_LEVEL, out=scaled)
-    total = scaled.sum(axis=-2, keepdims=True)
+    total = _pair_sums(scaled)
     if _beyond(total):   # else the shift below moves nothing
         excess = np.maximum(np.abs(total) - MAX_PAIR_SUM, 0.0)
         scaled -= np.sign(total) * excess / 2
     q = np.rint(scaled, out=rounded)
-    total = q.sum(axis=-2, keepdims=True)
+    total = _pair_sums(q)
     if _beyond(total):
         over = np.abs(total) > MAX_PAIR_SUM
         direction = np.sign(total)
@@ -92,6 +96,12 @@ def _round_pairs(pairs: np.ndarray, step: np.ndarray, scaled: np.ndarray = None,
         first = overshoot[..., :1, :] >= overshoot[..., 1:, :]
         q = q - np.concatenate([first, ~first], axis=-2) * over * direction
     return q
+
+
+def _pair_sums(v: np.ndarray) -> np.ndarray:
+    """``v[..., 0, :] + v[..., 1, :]`` of a [..., pairs, 2, out] array, keeping the pair axis
+    (what ``v.sum(axis=-2, keepdims=True)`` gives, in one addition)."""
+    return np.add(v[..., :1, :], v[..., 1:, :])
 
 
 def _beyond(total: np.ndarray) -> bool:
@@ -115,19 +125,72 @@ def quantize_weights(w, kind: str = "conv", per_channel: bool = True,
 
     ``search`` > 1 also tries that many smaller steps, down to ``max|w|/127``,
     where the few pairs above the limit are moved back onto it, and keeps per
-    channel the step of least squared weight error.
+    channel the step of least squared weight error.  Per channel, blocks of
+    output channels are searched in parallel threads (:func:`_channel_blocks`;
+    every operation is elementwise or per channel, so the result is the same
+    as searching the whole tensor at once).
     """
     w = np.asarray(w, np.float32)
     view = _in_out_view(w, kind, transpose_b).astype(np.float64)
     pairs = _pairs(view)
     out = view.shape[-1]
     value_max = np.abs(view).reshape(-1, out).max(axis=0, initial=0.0)
-    pair_max = np.abs(pairs.sum(axis=-2)).reshape(-1, out).max(axis=0, initial=0.0)
+    pair_max = np.abs(_pair_sums(pairs)).reshape(-1, out).max(axis=0, initial=0.0)
     if not per_channel:
         value_max, pair_max = value_max.max(initial=0.0), pair_max.max(initial=0.0)
     floor = MIN_RANGE / MAX_LEVEL
     safe = np.maximum(np.maximum(value_max / MAX_LEVEL, pair_max / MAX_PAIR_SUM), floor)
     smallest = np.maximum(value_max / MAX_LEVEL, floor)
+    if per_channel:
+        best_step, best_q = _search_blocks(pairs, safe, smallest, search)
+    else:
+        best_step, best_q = _search(pairs, safe, smallest, search, per_channel=False)
+    q = best_q.reshape(best_q.shape[:-3] + (-1, out))[..., :view.shape[-2], :]
+    values = q.T if kind == "matmul" and transpose_b else q
+    step = np.asarray(best_step, np.float64)
+    declared = (step * KERNEL_WEIGHT_DIVISOR).astype(np.float32)
+    return QuantizedWeights(values=np.ascontiguousarray(values), step=step.astype(np.float32),
+                            min_range=-declared, max_range=declared, max_level=MAX_LEVEL)
+
+
+#: float64 values per block of output channels searched by one thread
+BLOCK_VALUES = 1 << 17
+#: at least this many channels per block: each block then reduces its leading
+#: axes in the same order as the whole array would
+_MIN_BLOCK_CHANNELS = 8
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _channel_blocks(shape) -> List[slice]:
+    """Slices of the last axis of a ``shape``-d array, about :data:`BLOCK_VALUES` values each."""
+    out = shape[-1]
+    per_channel = max(1, int(np.prod(shape[:-1])))
+    width = max(_MIN_BLOCK_CHANNELS, BLOCK_VALUES // per_channel)
+    return [slice(start, min(start + width, out)) for start in range(0, out, width)]
+
+
+def _search_blocks(pairs: np.ndarray, safe: np.ndarray, smallest: np.ndarray, search: int):
+    """:func:`_search` per channel, on blocks of output channels in parallel threads
+    (numpy releases the GIL in its array loops)."""
+    blocks = _channel_blocks(pairs.shape)
+    if len(blocks) == 1:
+        return _search(pairs, safe, smallest, search, per_channel=True)
+
+    def run(block):
+        return _search(np.ascontiguousarray(pairs[..., block]), safe[block], smallest[block],
+                       search, per_channel=True)
+
+    best_step = np.empty(pairs.shape[-1])
+    best_q = np.empty(pairs.shape, np.int8)
+    with ThreadPoolExecutor(max_workers=min(_THREADS, len(blocks))) as pool:
+        for block, (step, q) in zip(blocks, pool.map(run, blocks)):
+            best_step[block], best_q[..., block] = step, q
+    return best_step, best_q
+
+
+def _search(pairs: np.ndarray, safe, smallest, search: int, per_channel: bool):
+    """(step, int8 values) of least squared error among ``search`` steps from ``safe``
+    down towards ``smallest`` (per channel, or one for the tensor)."""
     buffer, rounded = np.empty_like(pairs), np.empty_like(pairs)
     best_step, q = safe, _round_pairs(pairs, safe, buffer, rounded)
     best_q = q.astype(np.int8)      # whole numbers within +-127: exact in int8
@@ -143,9 +206,4 @@ def quantize_weights(w, kind: str = "conv", per_channel: bool = True,
                 best_err = np.where(better, err, best_err)
                 best_step = np.where(better, step, best_step)
                 np.copyto(best_q, q, casting="unsafe", where=better)
-    q = best_q.reshape(best_q.shape[:-3] + (-1, out))[..., :view.shape[-2], :]
-    values = q.T if kind == "matmul" and transpose_b else q
-    step = np.asarray(best_step, np.float64)
-    declared = (step * KERNEL_WEIGHT_DIVISOR).astype(np.float32)
-    return QuantizedWeights(values=np.ascontiguousarray(values), step=step.astype(np.float32),
-                            min_range=-declared, max_range=declared, max_level=MAX_LEVEL)
+    return best_step, best_q

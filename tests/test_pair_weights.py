@@ -148,3 +148,26 @@ def test_quantized_weights_are_remembered_per_format_and_read_only():
     other[0, 0, 0, 0] += 0.01                                             # other weights
     changed = rewrite_quantize_weights(ctx, other, "conv", signed_input=False)
     assert changed is not first and changed.values[0, 0, 0, 0] != first.values[0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("kind,shape,transpose_b", [("conv", (3, 3, 7, 45), False),
+                                                     ("conv", (1, 1, 64, 19), False),
+                                                     ("matmul", (30, 50), True)])
+def test_search_on_channel_blocks_in_threads_equals_the_whole_tensor(monkeypatch, kind, shape,
+                                                                     transpose_b):
+    w = np.random.default_rng(8).normal(0, 0.1, shape).astype(np.float32)
+    w[..., 3] = 0.0                                     # an all-zero channel (or row)
+    whole = pair_weights.quantize_weights(w, kind, transpose_b=transpose_b)
+    monkeypatch.setattr(pair_weights, "BLOCK_VALUES", 1)      # blocks of 8 channels
+    searched, search = [], pair_weights._search
+
+    def counted(pairs, *args, **kwargs):
+        searched.append(pairs.shape[-1])
+        return search(pairs, *args, **kwargs)
+
+    monkeypatch.setattr(pair_weights, "_search", counted)
+    blocked = pair_weights.quantize_weights(w, kind, transpose_b=transpose_b)
+    assert len(searched) > 1 and max(searched) == 8
+    assert np.array_equal(blocked.values, whole.values)
+    assert np.array_equal(blocked.step, whole.step)
+    assert np.array_equal(blocked.max_range, whole.max_range)
