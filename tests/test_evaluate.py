@@ -134,3 +134,42 @@ def test_command_line_table_and_json(graphs, tmp_path):
         result = json.load(f)
     assert set(result) >= {"reference", "candidate", "data", "outputs", "environment"}
     assert result["data"]["samples"] == 4
+
+
+def test_softmax_outputs_are_also_compared_on_their_logits(tmp_path):
+    """A Softmax output gets a second comparison on the logits it reads: the same
+    metrics as computing them directly on the logits tensor of both graphs."""
+    from graphquant.graph_io import load_graph_def
+
+    t = tf()
+    paths = []
+    for name, noise in (("ref.pb", 0.0), ("cand.pb", 0.05)):
+        fc = W_FC + noise * np.random.RandomState(2).randn(*W_FC.shape).astype(np.float32)
+
+        def fn(input, fc=fc):
+            y = t.reduce_mean(t.nn.relu(t.nn.conv2d(input, t.constant(W_CONV), 1, "SAME")),
+                              axis=[1, 2])
+            return t.nn.softmax(t.matmul(y, t.constant(fc), name="logits"), name="probs")
+
+        path = str(tmp_path / name)
+        save_graph_def(build_graph(fn, input=[1, 8, 8, 3])[0], path)
+        paths.append(path)
+    x = RNG.randn(6, 8, 8, 3).astype(np.float32)
+    npy = str(tmp_path / "x.npy")
+    np.save(npy, x)
+    result = evaluate.evaluate(*paths, data=npy, outputs=["probs:0"], progress=False)
+    assert list(result["outputs"]) == ["probs:0"]
+    assert result["logits"]["probs:0"]["tensor"] == "logits:0"
+
+    def logits(path):
+        g = load_graph_def(path)
+        return np.concatenate([run_graph(g, {"input:0": s[None]}, ["logits:0"])[0] for s in x])
+
+    expected = metrics.compare_outputs(logits(paths[0]), logits(paths[1]))
+    assert result["logits"]["probs:0"]["relative_l2"] == pytest.approx(
+        expected["relative_l2"], rel=1e-9)
+    assert 0 < expected["relative_l2"] < 1
+    assert "logits of probs:0" in evaluate.format_table(result)
+    # a graph without a Softmax has no logits entry
+    assert "logits" not in evaluate.evaluate(paths[0], paths[1], data=npy,
+                                             outputs=["logits:0"], progress=False)

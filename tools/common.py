@@ -63,6 +63,22 @@ def graph_interface(pb_path: str, graph_def, inputs: Sequence[str] = (),
     return ins, outs, meta
 
 
+def softmax_logits(graph_def, outputs: Sequence[str]) -> Dict[str, str]:
+    """Output -> the tensor its Softmax reads (through Identity ops), for outputs a
+    Softmax makes.  Softmax turns small logit changes into large probability
+    changes where the logits are close (random-weight zoo nets): the logits are
+    the fair place to measure a candidate's error as well."""
+    index = GraphIndex(graph_def)
+    found = {}
+    for out in outputs:
+        node = index.nodes.get(out.split(":")[0])
+        while node is not None and node.op == "Identity" and node.input:
+            node = index.nodes.get(node.input[0].split(":")[0])
+        if node is not None and node.op == "Softmax" and node.input:
+            found[out] = canonical_tensor(node.input[0])
+    return found
+
+
 def check_same_interface(name: str, graph_def, inputs: Sequence[str],
                          outputs: Sequence[str]) -> None:
     """The candidate graph must read and produce the tensors the reference does."""

@@ -7,8 +7,11 @@
 Both graphs get the same inputs; for every output the table gives relative L2,
 SQNR (dB) and per-sample cosine similarity of the candidate against the
 reference, and for class-score outputs the top-1 / top-5 agreement (the
-reference's top-1 class among the candidate's top-k).  Metric definitions:
-graphquant/metrics.py.
+reference's top-1 class among the candidate's top-k).  An output made by a
+Softmax is also compared on the logits the Softmax reads (``logits`` in the
+JSON, "logits of ..." rows) when the candidate has that tensor: on nets whose
+logits lie close together (the random-weight zoo) softmax probabilities move
+much more than the logits.  Metric definitions: graphquant/metrics.py.
 
 Data (``--data``): a ``.npy``/``.npz`` file or a folder of images, read by
 graphquant.calib_data.  Images need a preprocessing spec: ``--image_spec``, or
@@ -41,6 +44,7 @@ from tools import common  # noqa: E402  (imports graphquant first)
 
 from graphquant import metrics  # noqa: E402
 from graphquant.errors import GraphQuantError  # noqa: E402
+from graphquant.graph import GraphIndex  # noqa: E402
 from graphquant.graph_io import load_graph_def  # noqa: E402
 
 IMAGENET_DIR = os.path.join(os.environ.get(
@@ -121,8 +125,14 @@ def evaluate(reference: str, candidate: Optional[str] = None, data: Optional[str
     dataset = open_data(data, ref_def, inputs=[i.split(":")[0] for i in ins], image_spec=spec,
                         skip=skip, limit=take, batch_size=batch_size, kind="validation")
 
+    logits = common.softmax_logits(ref_def, outs)
+    if cand_def is not None:   # compared only where the candidate computes them too
+        present = GraphIndex(cand_def)
+        logits = {o: t for o, t in logits.items() if t.split(":")[0] in present}
+    fetches = list(outs) + list(logits.values())
+
     def runner(graph_def):
-        return GraphRunner(graph_def, outs, threads=threads)
+        return GraphRunner(graph_def, fetches, threads=threads)
 
     runners = [runner(ref_def)] + ([runner(cand_def)] if cand_def is not None else [])
     try:
@@ -161,6 +171,11 @@ def evaluate(reference: str, candidate: Optional[str] = None, data: Optional[str
                 entry["reference_top1_accuracy"] = metrics.topk_accuracy(ref_out[i], out_labels, 1)
                 entry["reference_top5_accuracy"] = metrics.topk_accuracy(ref_out[i], out_labels, 5)
         result["outputs"][name] = entry
+    if cand_out is not None and logits:
+        result["logits"] = {}
+        for i, (name, tensor) in enumerate(logits.items(), start=len(outs)):
+            entry = metrics.compare_outputs(ref_out[i], cand_out[i])
+            result["logits"][name] = dict(entry, tensor=tensor)
     if truth is not None:
         result["labels"] = "imagenet synsets (sorted position" + (
             ", +1 background class)" if ref_out[0].shape[1] == 1001 else ")")
@@ -193,6 +208,11 @@ def format_table(result: Dict) -> str:
                 f"{_fmt(m['sqnr_db'], '{:.2f}'):>8} {_fmt(m['cosine']['mean'], '{:.6f}'):>9} "
                 f"{_fmt(m['cosine']['min'], '{:.4f}'):>8} "
                 f"{_fmt(m.get('top1_agreement'), pct):>9} {_fmt(m.get('top5_agreement'), pct):>9}")
+        for name, m in result.get("logits", {}).items():
+            lines.append(
+                f"{'logits of ' + name:<24} {'x'.join(map(str, m['shape'])):<14} "
+                f"{_fmt(m['relative_l2']):>9} {_fmt(m['sqnr_db'], '{:.2f}'):>8} "
+                f"{_fmt(m['cosine']['mean'], '{:.6f}'):>9} {_fmt(m['cosine']['min'], '{:.4f}'):>8}")
     for name, m in result["outputs"].items():
         if "reference_top1_accuracy" in m:
             n = result["data"]["samples"]
