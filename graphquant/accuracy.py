@@ -1,7 +1,7 @@
 """The accuracy steps of :func:`graphquant.convert.convert` between calibration and quantization.
 
-    [equalize_cross_layer] ─► calibrate ─► [shift_signed_activations] ─► [bias corrections]
-      ─► plan_ranges ─► int8 passes
+    [equalize_cross_layer] ─► calibrate ─► [shift_signed_activations] ─► [weight rounding]
+      ─► [bias corrections] ─► plan_ranges ─► int8 passes
 
 Each step is an fp32 rewrite that leaves the fp32 outputs unchanged, or a
 choice of int8 parameters kept in ``ctx.options``; :func:`convert` switches
@@ -13,6 +13,9 @@ them with keywords:
   signed tensors read only by unpadded convs/matmuls become ``y - lo >= 0``
   (quint8: 255 steps over the data's span, and an unsigned input for the
   reader, hence 8-bit weights with ``pair_weights``);
+* ``weight_rounding`` -- :mod:`graphquant.weight_rounding`: the weights' integers
+  rounded against the layer inputs' covariance on the calibration data
+  (``ctx.options['rounded_weights']``), before bias correction measures them;
 * ``bias_correction`` -- :mod:`graphquant.bias_correction`: per-channel
   output mean shift of the int8 weights, measured on the calibration data,
   removed from each int8 op's bias (``ctx.options['bias_corrections']``);
@@ -52,7 +55,7 @@ def before_calibration(fp32: graph_pb2.GraphDef, ctx, data, *, equalize: bool = 
 
 def after_calibration(fp32: graph_pb2.GraphDef, ranges: Dict[str, Range], ctx, data, *,
                       shift_signed: bool = True, bias_correction: bool = True,
-                      stats: Optional[CalibrationStats] = None
+                      weight_rounding: bool = False, stats: Optional[CalibrationStats] = None
                       ) -> Tuple[graph_pb2.GraphDef, Dict[str, Range]]:
     """(fp32 graph, calibrated ranges) after the enabled steps; ``ctx`` gets their notes
     and ``ctx.options['bias_corrections']``.  ``data``: the calibration feeds.  ``stats``
@@ -66,6 +69,11 @@ def after_calibration(fp32: graph_pb2.GraphDef, ranges: Dict[str, Range], ctx, d
             new = sorted(t for t in ranges if t not in stats.tensors)
             if new:
                 stats.tensors.update(collect_statistics(fp32, new, data).tensors)
+    if weight_rounding:   # before bias correction, which measures the rounded weights
+        from graphquant.weight_rounding import rounded_weights
+
+        ctx.options["rounded_weights"] = rounded_weights(
+            fp32, plan_ranges(fp32, ranges), data, ctx, centered=bias_correction)
     if bias_correction:
         ctx.options["bias_corrections"] = bias_corrections(fp32, plan_ranges(fp32, ranges),
                                                            data, ctx)

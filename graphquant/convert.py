@@ -66,7 +66,8 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
             debug: bool = False, histograms: Optional[bool] = None,
             pair_weights: bool = True, shift_signed: bool = True,
             bias_correction: bool = True, fidelity=None, validation=None,
-            measure_fallback_speed: bool = False, equalize: bool = False) -> ConversionResult:
+            measure_fallback_speed: bool = False, equalize: bool = False,
+            weight_rounding: bool = False) -> ConversionResult:
     """Quantize ``graph`` (GraphDef or path) to int8, calibrating on ``calib``.
 
     ``calib``: a .npy (one input; first axis = samples), a .npz (one array per
@@ -90,6 +91,9 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     ``calib``; default: ``calib``) keeps the fewest most sensitive islands fp32 until
     the target is met (:mod:`graphquant.fidelity`; result in the report's
     ``info["fidelity"]``), ``measure_fallback_speed`` times the result.
+    ``weight_rounding``: error-compensating weight rounding against the calibration
+    inputs (:mod:`graphquant.weight_rounding`; off by default: better on MTCNN, det and
+    vgg, worse on fer_mini_xception's held-out faces, BUILD_NOTES).
     """
     graph_def = as_graph_def(graph)
     ctx = make_context(graph_def, inputs, outputs, debug=debug)
@@ -122,7 +126,8 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     ranges = ctx.options["ranges"]
     fp32, ranges = accuracy.after_calibration(fp32, ranges, ctx, data,   # issue 6: accuracy.py
                                               shift_signed=shift_signed,
-                                              bias_correction=bias_correction, stats=stats)
+                                              bias_correction=bias_correction,
+                                              weight_rounding=weight_rounding, stats=stats)
     ctx.options.update(ranges=plan_ranges(fp32, ranges), shapes=tensor_shapes(fp32))
     errors, probe_notes = _measure_islands(fp32, ctx, data)
     if max_layer_error is not None:

@@ -49,8 +49,11 @@ def quantize_weights(ctx, weights, kind: str, signed_input: bool, transpose_b: b
     name = tgt.name if tgt is not None else "avx2"
     per_channel = not ctx.options.get("per_tensor", False)
     weights = np.ascontiguousarray(weights, np.float32)
-    if (ctx.options.get("pair_weights") and name == "avx2" and not signed_input
-            and kind in pair_weights.KINDS):   # 8-bit weights, pairs limited (issue 6)
+    rounded = (ctx.options.get("rounded_weights") or {}).get(   # graphquant/weight_rounding.py
+        rounded_key(weights, kind, signed_input, transpose_b))
+    if rounded is not None:
+        return rounded
+    if uses_pair_weights(ctx, kind, signed_input):   # 8-bit weights, pairs limited (issue 6)
         fmt = ("pairs", kind, per_channel, transpose_b)
         compute = functools.partial(pair_weights.quantize_weights, weights, kind,
                                     per_channel=per_channel, transpose_b=transpose_b)
@@ -61,6 +64,21 @@ def quantize_weights(ctx, weights, kind: str, signed_input: bool, transpose_b: b
                                     per_channel=per_channel, max_level=max_level,
                                     multiple=multiple, transpose_b=transpose_b)
     return _CACHE.get(fmt, weights, compute)
+
+
+def uses_pair_weights(ctx, kind: str, signed_input: bool) -> bool:
+    """Whether :func:`quantize_weights` writes pair-limited 8-bit weights for this op."""
+    tgt = ctx.options.get("target")
+    return bool(ctx.options.get("pair_weights") and (tgt is None or tgt.name == "avx2")
+                and not signed_input and kind in pair_weights.KINDS)
+
+
+def rounded_key(weights, kind: str, signed_input: bool, transpose_b: bool = False) -> tuple:
+    """Key of ``ctx.options['rounded_weights']`` (:mod:`graphquant.weight_rounding`): the
+    float weights' bytes and the op's weight format."""
+    weights = np.ascontiguousarray(weights, np.float32)
+    return (kind, bool(signed_input), bool(transpose_b), weights.shape,
+            hashlib.blake2b(weights.data, digest_size=16).digest())
 
 
 class _WeightCache:

@@ -78,6 +78,7 @@ CONFIGS: Dict[str, dict] = {
     "all": dict(NEW, calibration="minmax"),
     "all_auto": NEW,
     "all_auto_cle": dict(NEW, equalize=True),
+    "weight_rounding": dict(NEW, weight_rounding=True),   # graphquant/weight_rounding.py
     "no_fallback": dict(OLD, max_layer_error=None),
     "all_auto_no_fallback": dict(NEW, max_layer_error=None),
     # fidelity, validated on the first half of the held-out samples and evaluated on the
