@@ -5,11 +5,10 @@ fidelity target is met on validation data.
                      validation="val.npy")
     result.report.fidelity        # target, measured value, fallbacks with their cost
 
-Before/after, for the list of int8 islands ranked by the sensitivity probe
-(:mod:`graphquant.sensitivity`: own relative L2 error, largest first)::
+Before/after, for the int8 islands in the order chosen below::
 
-    before:  every island int8                        top-1 agreement 96.5% < 99%
-    after:   islands 1..k of the ranking in fp32,     top-1 agreement >= 99%
+    before:  every island int8                        top-1 agreement 97.6% < 99%
+    after:   islands 1..k of the order in fp32,       top-1 agreement >= 99%
              k the smallest found by bisection
 
 Targets (``fidelity=``, a dict or the CLI text ``top1=0.99`` / ``rel_l2=0.02``):
@@ -19,14 +18,25 @@ Targets (``fidelity=``, a dict or the CLI text ``top1=0.99`` / ``rel_l2=0.02``):
 * ``rel_l2`` -- the largest relative L2 error over the outputs (all
   validation samples together) must be at most the value.
 
-Search: ``k = 0`` (all int8) is tried first, then ``k = N`` (every ranked
-island fp32: if even that misses, the target cannot be met by fallbacks and
-the all-fp32 islands result is kept with a note), then bisection on ``k``,
-assuming that more fallbacks never hurt: at most ``2 + ceil(log2(N))``
-conversions and validation runs (:func:`max_evaluations`).  Each fallback is
-reported with its own error and its share of the graph's multiply-adds (what
-it costs in speed); the measured latency of the result against the all-int8
-graph is added when ``measure_speed`` is given.
+Order: the all-int8 conversion is validated first; if it misses, what falling
+each island alone back to fp32 removes from the outputs is measured on the
+riskiest validation feeds without converting (:func:`fallback_effects`: fp32
+copies of the islands fed into the island graph, exact for one island), and
+:func:`fallback_order` picks the cheapest set (by multiply-adds) predicted to
+meet the target (:class:`Prediction`, a smooth margin shortfall for top1);
+the other islands follow by estimated output sensitivity
+(:func:`output_sensitivity`).  On fer_mini_xception one fp32 MaxPool island
+restores the one flipped validation face (the ranking by sensitivity needed
+all 23 conv islands, 95% of the multiply-adds).
+
+Search: the predicted count is tried first, then bisection on ``k`` (each
+step again at the predicted count when the prediction agrees with what was
+measured), assuming that more fallbacks never hurt; ``k = N`` (every island
+fp32) is validated last if the bisection ends there: at most
+``3 + ceil(log2(N))`` conversions and validation runs (:func:`max_evaluations`).
+Each fallback is reported with its own error and its share of the graph's
+multiply-adds (what it costs in speed); the measured latency of the result
+against the all-int8 graph is added when ``measure_speed`` is given.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 from tensorflow.core.framework import graph_pb2
@@ -45,7 +55,6 @@ from graphquant.execute import GraphRunner
 from graphquant.graph import GraphIndex, const_value, parse_tensor_name
 
 METRICS = ("top1", "rel_l2")
-PROBE_FEEDS = 8      # validation feeds for the output-sensitivity ranking
 
 
 @dataclass(frozen=True)
@@ -89,8 +98,9 @@ def parse_target(spec: Union[str, Mapping[str, float], FidelityTarget]) -> Fidel
 
 
 def max_evaluations(num_islands: int) -> int:
-    """Conversions + validation runs the search needs at most for ``num_islands`` islands."""
-    return 1 if num_islands == 0 else 2 + max(0, math.ceil(math.log2(num_islands)))
+    """Conversions + validation runs the search needs at most for ``num_islands`` islands:
+    all int8, the predicted count, a bisection and the all-fallbacks check."""
+    return 1 if num_islands == 0 else 3 + max(0, math.ceil(math.log2(num_islands)))
 
 
 def class_score_outputs(graph_def: graph_pb2.GraphDef, outputs: Sequence[str]
@@ -129,9 +139,27 @@ def measure(target: FidelityTarget, reference: Sequence[np.ndarray],
 
 
 def run_outputs(graph_def: graph_pb2.GraphDef, outputs: Sequence[str], feeds) -> List[np.ndarray]:
+    """Every output on all ``feeds`` (concatenated on axis 0)."""
+    return _joined(_per_feed(graph_def, outputs, feeds))
+
+
+def _per_feed(graph_def, outputs, feeds) -> List[List[np.ndarray]]:
     with GraphRunner(graph_def, outputs) as runner:
-        values = [runner(f) for f in feeds]
-    return [np.concatenate([v[i] for v in values]) for i in range(len(outputs))]
+        return [runner(f) for f in feeds]
+
+
+def _joined(per_feed: Sequence[Sequence[np.ndarray]]) -> List[np.ndarray]:
+    return [np.concatenate([v[i] for v in per_feed]) for i in range(len(per_feed[0]))]
+
+
+def _rows_of(per_feed: Sequence[Sequence[np.ndarray]], chosen: Sequence[int]
+             ) -> List[np.ndarray]:
+    """Per output, the indices of the rows of the ``chosen`` feeds in :func:`_joined`."""
+    rows = []
+    for i in range(len(per_feed[0])):
+        starts = np.cumsum([0] + [len(v[i]) for v in per_feed])
+        rows.append(np.concatenate([np.arange(starts[f], starts[f + 1]) for f in chosen]))
+    return rows
 
 
 # --------------------------------------------------------------------------- cost
@@ -251,16 +279,295 @@ def output_sensitivity(fp32: graph_pb2.GraphDef, outputs: Sequence[str], errors,
             for j, i in enumerate(keep)}
 
 
+# --------------------------------------------------------------------------- ranking
+#: a sample's top-1 margin is worth restoring up to this fraction of its fp32 margin, an
+#: output's relative L2 down to this fraction of the target (not beyond)
+RESTORE = 0.5
+#: the cost of an island is at least this share of the multiply-adds (pools, concats: the
+#: Quantize/Dequantize steps around an fp32 island are not free)
+COST_FLOOR = 0.005
+#: validation feeds the island effects are measured on: the riskiest ones (top1: smallest
+#: fp32 margin against the all-int8 change; rel_l2: largest all-int8 error)
+EFFECT_FEEDS = {"top1": 16, "rel_l2": 8}
+#: the join pass that changes values (a float output instead of an 8-bit one)
+SKIP_REQUANTIZE = "skip_requantize_for_fp32_readers"
+#: validation feeds for the output-sensitivity order of the islands the greedy leaves
+SENSITIVITY_FEEDS = 8
+
+
+FP32_PREFIX = "fp32_copy/"
+FLOAT_PREFIX = "float_copy/"
+#: int8 ops whose 8-bit output step the join passes drop when only fp32 ops read them
+_INT8_OPS = ("_FusedQuantizedConv2D", "_FusedQuantizedDepthwiseConv2D", "_QuantizedMatMul")
+#: passes whose islands exist only while int8 islands read them (when no int8 op feeds them)
+READER_DRIVEN = ("quantize_pool", "quantize_pad")
+
+
+def fp32_copies(fp32: graph_pb2.GraphDef, islands: graph_pb2.GraphDef,
+                notes: Sequence[Mapping[str, object]]) -> Tuple[graph_pb2.GraphDef,
+                                                                Dict[str, List[str]]]:
+    """(``islands`` plus copies, {root: upstream roots whose 8-bit output step goes when
+    that island alone is fp32}).
+
+    The copies, per island of ``notes``: its fp32 nodes (prefixed :data:`FP32_PREFIX`;
+    Consts the island graph no longer has are copied too), reading the island graph's
+    tensors -- or, as the converted graph with the fallback has them: for an upstream
+    int8 conv/matmul whose only int8 reader is this island, a copy of that op and its
+    Dequantize (prefixed :data:`FLOAT_PREFIX`) which :data:`SKIP_REQUANTIZE` (run by
+    :func:`fallback_effects`) turns into its float-output form; for an upstream pool or
+    Pad island only this island read (:data:`READER_DRIVEN`), its fp32 copy."""
+    fp32_ops = {n.name: n.op for n in fp32.node}
+    fp32_nodes = {n.name: n for n in fp32.node}
+    index = GraphIndex(islands)
+    roots = {str(n["node"]) for n in notes}
+    by_root = {str(n["node"]): n for n in notes}
+    merged = graph_pb2.GraphDef()
+    merged.CopyFrom(islands)
+    copied: Set[str] = set()
+    floats: Dict[str, List[str]] = {}
+
+    def int8_nodes(root: str) -> Set[str]:
+        """The island graph's nodes of the island ending at ``root`` (new or changed ones)."""
+        found, todo = set(), [root]
+        while todo:
+            name = todo.pop()
+            if name in found or (name != root and (name in roots or fp32_ops.get(name) ==
+                                                   index.nodes[name].op)):
+                continue
+            found.add(name)
+            todo += [parse_tensor_name(i).node for i in index.nodes[name].input]
+        return found
+
+    def float_copy(root: str, own: Set[str]) -> Optional[str]:
+        dq = index.nodes.get(root)
+        if dq is None or dq.op != "Dequantize" or root not in roots:
+            return None
+        producer = index.node(dq.input[0])
+        readers = [r.name for r in index.consumer_nodes(root) if r.op == "QuantizeV2"]
+        if producer.op not in _INT8_OPS or not set(readers) <= own:
+            return None
+        if FLOAT_PREFIX + root not in copied:
+            copied.add(FLOAT_PREFIX + root)
+            for node, source in ((merged.node.add(), producer), (merged.node.add(), dq)):
+                node.CopyFrom(source)
+                node.name = FLOAT_PREFIX + source.name
+            merged.node[-1].input[0] = FLOAT_PREFIX + producer.name
+        return FLOAT_PREFIX + root
+
+    def goes_fp32(root: str, own: Set[str]) -> bool:
+        """A pool or Pad island that no int8 op feeds (int8 only because int8 islands read
+        it) whose int8 readers are all in ``own``: fp32 too once they are."""
+        if by_root.get(root, {}).get("pass") not in READER_DRIVEN:
+            return False
+        readers = index.consumer_nodes(root)
+        fed = [index.node(q.input[0]).op for q in map(index.nodes.get, int8_nodes(root))
+               if q.op == "QuantizeV2"]
+        return "Dequantize" not in fed and all(r.op == "QuantizeV2" and r.name in own
+                                               for r in readers)
+
+    def copy(name: str, inside: Set[str], own: Set[str], upstream: List[str]) -> None:
+        if FP32_PREFIX + name in copied:
+            return
+        copied.add(FP32_PREFIX + name)
+        node = merged.node.add()
+        node.CopyFrom(fp32_nodes[name])
+        node.name = FP32_PREFIX + name
+        for i, inp in enumerate(node.input):
+            t = parse_tensor_name(inp)
+            if t.node in inside or t.node not in index.nodes:
+                copy(t.node, inside, own, upstream)
+                node.input[i] = str(type(t)(FP32_PREFIX + t.node, t.port, t.control))
+            elif goes_fp32(t.node, own):
+                copy(t.node, set(by_root[t.node].get("nodes", [t.node])), int8_nodes(t.node),
+                     upstream)
+                node.input[i] = str(type(t)(FP32_PREFIX + t.node, t.port, t.control))
+            elif float_copy(t.node, own):
+                upstream.append(t.node)
+                node.input[i] = str(type(t)(FLOAT_PREFIX + t.node, t.port, t.control))
+
+    for note in notes:
+        root = str(note["node"])
+        nodes = set(note.get("nodes", [root]))
+        floats[root] = []
+        for name in sorted(nodes):
+            copy(name, nodes, int8_nodes(root), floats[root])
+        floats[root] = sorted(set(floats[root]))
+    return merged, floats
+
+
+def fallback_effects(fp32: graph_pb2.GraphDef, islands: graph_pb2.GraphDef,
+                     outputs: Sequence[str], notes: Sequence[Mapping[str, object]], feeds,
+                     ctx) -> Dict[str, List[np.ndarray]]:
+    """{root: what falling that island alone back to fp32 removes from the all-int8 outputs}
+    (int8 outputs minus outputs with the fallback, feeds concatenated on axis 0): the
+    island graph run with the fp32 copy's result (:func:`fp32_copies`) fed in place of the
+    island's, and the float results of the upstream ops that lose their 8-bit output in
+    place of theirs.  ``ctx``: the conversion's context (options for the join pass).
+    One run per island and feed, no conversion."""
+    from graphquant.pipeline import PassContext, run_pipeline
+
+    merged, floats = fp32_copies(fp32, islands, notes)
+    merged = run_pipeline(merged, [SKIP_REQUANTIZE], PassContext(
+        inputs=ctx.inputs, outputs=list(outputs), options=dict(ctx.options)))
+    roots = [str(n["node"]) for n in notes]
+    ups = sorted({u for r in roots for u in floats[r]})
+    changes: Dict[str, List[List[np.ndarray]]] = {r: [] for r in roots}
+    fetch = ([FP32_PREFIX + r for r in roots] + [FLOAT_PREFIX + u for u in ups])
+    with GraphRunner(merged, list(outputs) + fetch, grappler=False) as probe, \
+            GraphRunner(merged, outputs, grappler=False) as inject:
+        for feed in feeds:
+            values = probe(feed)
+            base = [v.astype(np.float64) for v in values[:len(outputs)]]
+            copies = dict(zip(roots, values[len(outputs):]))
+            up = dict(zip(ups, values[len(outputs) + len(roots):]))
+            for root in roots:
+                given = dict(feed, **{root: copies[root]}, **{u: up[u] for u in floats[root]})
+                got = inject(given)
+                changes[root].append([b - g for g, b in zip(got, base)])
+    return {r: [np.concatenate([c[i] for c in changes[r]]) for i in range(len(outputs))]
+            for r in roots if changes[r]}
+
+
+def _margins(scores: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """Per row: the score of class ``top`` minus the best other score (<= 0: top-1 differs)."""
+    rows = np.arange(len(top))
+    other = scores.copy()
+    other[rows, top] = -np.inf
+    return scores[rows, top] - other.max(axis=1)
+
+
+class Prediction:
+    """The target's metric predicted for a set of fp32 islands from the measured all-int8
+    outputs: their change from fp32 minus the islands' effects (:func:`fallback_effects`,
+    exact for one island, assumed to add up for more), on the probed rows; the other
+    rows keep their all-int8 values.
+
+    :meth:`loss` is the smooth quantity the ranking lowers: for top1 the shortfall of
+    each probed sample's margin below :data:`RESTORE` of its fp32 margin (a sample
+    about to flip counts before it flips), for rel_l2 each output's squared error above
+    :data:`RESTORE` of the target; a small term of the plain squared errors breaks ties.
+    ``rows[i]``: the probed rows of output ``i`` (samples on axis 0, feeds concatenated).
+    """
+
+    def __init__(self, target: FidelityTarget, reference: Sequence[np.ndarray],
+                 int8: Sequence[np.ndarray], rows: Sequence[np.ndarray],
+                 classes: Sequence[bool]):
+        reference = [np.asarray(r, np.float64) for r in reference]
+        int8 = [np.asarray(c, np.float64) for c in int8]
+        self.target = target
+        self.ref = [r[k] for r, k in zip(reference, rows)]
+        self.change = [c[k] - r for c, r, k in zip(int8, self.ref, rows)]
+        self.ref2 = [max(float(np.sum(np.square(r))), 1e-30) for r in reference]
+        self.rest2 = [float(np.sum(np.square(c - r))) - float(np.sum(np.square(d)))
+                      for c, r, d in zip(int8, reference, self.change)]
+        self.classes = [i for i, (k, r) in enumerate(zip(classes, reference))
+                        if k and metrics.is_classification(r)]
+        self.count = {i: len(reference[i]) for i in self.classes}
+        self.top = {i: np.argmax(self.ref[i], axis=1) for i in self.classes}
+        self.fp32_margin = {i: _margins(self.ref[i], self.top[i]) for i in self.classes}
+        self.rest_misses = {}
+        for i in self.classes:
+            missed = np.argmax(reference[i], 1) != np.argmax(int8[i], 1)
+            missed[rows[i]] = False
+            self.rest_misses[i] = int(np.sum(missed))
+
+    def _errors(self, change) -> List[float]:
+        return [math.sqrt(max(0.0, rest + float(np.sum(np.square(c)))) / ref2)
+                for c, rest, ref2 in zip(change, self.rest2, self.ref2)]
+
+    def metric(self, change: Sequence[np.ndarray]) -> float:
+        if self.target.metric == "rel_l2":
+            return max(self._errors(change))
+        return min(1.0 - (np.sum(_margins(self.ref[i] + change[i], self.top[i]) <= 0)
+                          + self.rest_misses[i]) / self.count[i] for i in self.classes)
+
+    def loss(self, change: Sequence[np.ndarray]) -> float:
+        errors = self._errors(change)
+        ties = 1e-3 * sum(e * e for e in errors)
+        if self.target.metric == "rel_l2":
+            floor = (RESTORE * self.target.value) ** 2
+            return sum(max(e * e, floor) for e in errors) + ties
+        return sum(float(np.sum(np.maximum(0.0, RESTORE * self.fp32_margin[i] - _margins(
+            self.ref[i] + change[i], self.top[i])))) for i in self.classes) + ties
+
+
+def probe_feeds(target: FidelityTarget, reference: Sequence[Sequence[np.ndarray]],
+                int8: Sequence[Sequence[np.ndarray]], classes: Sequence[bool]) -> List[int]:
+    """Indices of the validation feeds the effects are measured on (outputs per feed
+    given): the :data:`EFFECT_FEEDS` riskiest, in feed order.  top1: the largest all-int8
+    change of a class score against the sample's fp32 margin; rel_l2: the largest share
+    of the all-int8 squared error."""
+    risk = []
+    norms = [max(sum(float(np.sum(np.square(np.asarray(ref[i], np.float64))))
+                     for ref in reference), 1e-30) for i in range(len(classes))]
+    for ref, got in zip(reference, int8):
+        pairs = [(np.asarray(r, np.float64), np.asarray(c, np.float64))
+                 for r, c in zip(ref, got)]
+        if target.metric == "top1":
+            risk.append(max([float(np.max(2 * np.max(np.abs(c - r), axis=1) / np.maximum(
+                _margins(r, np.argmax(r, 1)), 1e-12))) for (r, c), k in zip(pairs, classes)
+                if k and metrics.is_classification(r)] or [0.0]))
+        else:
+            risk.append(sum(float(np.sum(np.square(c - r))) / norm
+                            for (r, c), norm in zip(pairs, norms)))
+    order = sorted(range(len(risk)), key=lambda i: (-risk[i], i))
+    return sorted(order[:EFFECT_FEEDS[target.metric]])
+
+
+def fallback_order(prediction: Prediction, effects: Mapping[str, Sequence[np.ndarray]],
+                   costs: Mapping[str, float]):
+    """(islands, predicted metric with the first k of them fp32 for k = 0..len(islands)):
+    the cheapest set predicted to meet the target, [] if none is.
+
+    Greedy, each step the island whose effect lowers :meth:`Prediction.loss` most per unit
+    of cost (its multiply-adds) given the ones already chosen, up to the first step
+    predicted to meet the target; the effects, measured one island at a time, stop adding
+    up after a few steps on some graphs, so the prediction is trusted no further (the
+    caller orders the rest by output sensitivity).  One island alone is predicted exactly:
+    the cheapest one meeting the target replaces a dearer greedy set."""
+    target = prediction.target
+    change = list(prediction.change)
+    loss = prediction.loss(change)
+    order, predicted, left = [], [prediction.metric(change)], sorted(effects)
+    while left and not target.met(predicted[-1]):
+        best = None
+        for root in left:
+            trial = [c - e for c, e in zip(change, effects[root])]
+            value = (loss - prediction.loss(trial)) / costs[root]
+            if best is None or value > best[0]:
+                best = (value, root, trial)
+        if best[0] <= 0:
+            break
+        _, root, change = best
+        loss = prediction.loss(change)
+        order.append(root)
+        left.remove(root)
+        predicted.append(prediction.metric(change))
+    if not target.met(predicted[-1]):
+        order, predicted = [], predicted[:1]
+    alone = {r: prediction.metric([c - e for c, e in zip(prediction.change, effects[r])])
+             for r in sorted(effects)}
+    singles = sorted((costs[r], r) for r, v in alone.items() if target.met(v))
+    if singles and (not order or singles[0][0] < sum(costs[r] for r in order)):
+        order, predicted = [singles[0][1]], [predicted[0], alone[singles[0][1]]]
+    return order, predicted
+
 def search(target: FidelityTarget, ranked: Sequence[Mapping[str, object]], errors,
            build: Callable[[Set[str]], graph_pb2.GraphDef], evaluate: Callable[
-               [graph_pb2.GraphDef], float], macs: Mapping[str, int]) -> FidelityResult:
+               [graph_pb2.GraphDef], float], macs: Mapping[str, int],
+           predicted: Optional[Sequence[float]] = None,
+           known: Optional[Mapping[int, float]] = None) -> FidelityResult:
     """Bisection over how many of the ``ranked`` islands stay fp32 (module docstring).
 
     ``build(exclude)`` converts with those node names kept fp32;
     ``evaluate(graph)`` returns the target's metric on the validation data.
+    ``predicted[k]``: the metric predicted with the first ``k`` islands fp32; a step
+    tries the fewest predicted to meet the target (while the prediction agrees with
+    what was measured), as close as :func:`max_evaluations` allows, else the middle.
+    ``known``: ``{k: metric}`` already measured (counted as evaluations).
     """
     total_macs = max(sum(macs.values()), 1)
-    tried: Dict[int, float] = {}
+    tried: Dict[int, float] = dict(known or {})
 
     def nodes_of(k: int) -> Set[str]:
         return {name for note in ranked[:k] for name in note.get("nodes", [note["node"]])}
@@ -271,18 +578,18 @@ def search(target: FidelityTarget, ranked: Sequence[Mapping[str, object]], error
         return target.met(tried[k])
 
     n = len(ranked)
-    if check(0) or n == 0:
-        best = 0
-    elif not check(n):
-        best = n
-    else:
-        lo, hi = 0, n                 # check(lo) fails, check(hi) passes
+    budget = max_evaluations(n)
+    best = 0
+    if not check(0) and n:
+        lo, hi = 0, n          # check(lo) fails; hi passes, or is n and checked at the end
         while hi - lo > 1:
-            mid = (lo + hi) // 2
+            probes = budget - len(tried) - (hi not in tried)    # one kept for check(n)
+            mid = _next_probe(target, lo, hi, 2 ** (probes - 1), predicted)
             if check(mid):
                 hi = mid
             else:
                 lo = mid
+        check(hi)
         best = hi
     fallbacks = []
     for note in ranked[:best]:
@@ -290,9 +597,23 @@ def search(target: FidelityTarget, ranked: Sequence[Mapping[str, object]], error
         m = sum(macs.get(name, 0) for name in nodes)
         fallbacks.append(Fallback(str(note["node"]), nodes, float(errors[note["node"]].own), m,
                                   m / total_macs))
+    evaluations = [{"fp32_islands": k, "measured": v} for k, v in sorted(tried.items())]
+    if predicted is not None:
+        for e in evaluations:
+            e["predicted"] = float(predicted[e["fp32_islands"]])
     return FidelityResult(str(target), target.met(tried[best]), tried[best], tried[0], fallbacks,
-                          [{"fp32_islands": k, "measured": v} for k, v in sorted(tried.items())],
-                          max_evaluations(n))
+                          evaluations, budget)
+
+
+def _next_probe(target: FidelityTarget, lo: int, hi: int, span: int,
+                predicted: Optional[Sequence[float]]) -> int:
+    """The next k to try in (lo, hi): the fewest predicted to meet the target if the
+    prediction does not already claim ``lo`` meets it (measured: it does not), else the
+    middle; kept within ``span`` of both ends so the rest of the bisection fits the bound."""
+    guess = (lo + hi) // 2
+    if predicted is not None and not target.met(predicted[lo]):
+        guess = next((k for k in range(lo + 1, hi) if target.met(predicted[k])), guess)
+    return min(max(guess, hi - span, lo + 1), lo + span, hi - 1)
 
 
 def latency_ms(graphs: Mapping[str, graph_pb2.GraphDef], outputs: Sequence[str], feed,
@@ -328,29 +649,49 @@ def choose_fallbacks(original: graph_pb2.GraphDef, fp32: graph_pb2.GraphDef, ctx
     from graphquant.pipeline import ISLAND_PASSES, JOIN_PASSES, PassContext, run_pipeline
 
     target = parse_target(spec)
+    outputs = ctx.outputs
     feeds = list(open_data(validation, original, inputs=ctx.inputs, image_spec=image_spec,
                            kind="validation"))
-    reference = run_outputs(original, ctx.outputs, feeds)
     base_exclude = set(ctx.options.get("exclude") or ())
-    graphs: Dict[int, graph_pb2.GraphDef] = {}
 
     def build(exclude: Set[str]) -> graph_pb2.GraphDef:
-        c = PassContext(inputs=ctx.inputs, outputs=ctx.outputs,
+        c = PassContext(inputs=ctx.inputs, outputs=outputs,
                         options=dict(ctx.options, exclude=base_exclude | exclude))
-        graph = run_pipeline(run_pipeline(fp32, ISLAND_PASSES, c), JOIN_PASSES, c)
-        graphs[len(exclude)] = graph
-        return graph
+        return run_pipeline(run_pipeline(fp32, ISLAND_PASSES, c), JOIN_PASSES, c)
 
-    classes = class_score_outputs(original, ctx.outputs)
+    found = class_score_outputs(original, outputs)
+    reference = _per_feed(original, outputs, feeds)
+    int8 = _per_feed(build(set()), outputs, feeds)
 
     def evaluate(graph: graph_pb2.GraphDef) -> float:
-        return measure(target, reference, run_outputs(graph, ctx.outputs, feeds), classes)
+        return measure(target, _joined(reference), _joined(_per_feed(graph, outputs, feeds)),
+                       found)
 
-    scores = output_sensitivity(fp32, ctx.outputs, errors, feeds[:PROBE_FEEDS])
-    ranked = ranked_islands(errors, [n for n in probe_notes if n["node"] not in base_exclude],
-                            scores or None)
+    known = {0: measure(target, _joined(reference), _joined(int8), found)}
+    notes = [n for n in probe_notes if n["node"] in errors and n["node"] not in base_exclude]
     macs = island_macs(fp32, ctx.options.get("shapes") or tensor_shapes(fp32))
-    result = search(target, ranked, errors, build, evaluate, macs)
+    floor = COST_FLOOR * max(sum(macs.values()), 1)
+    costs = {n["node"]: max(float(sum(macs.get(m, 0) for m in n.get("nodes", [n["node"]]))),
+                            floor) for n in notes}
+    ranked, predicted = ranked_islands(errors, notes), None
+    if notes and not target.met(known[0]):
+        classes = found or [True] * len(outputs)
+        chosen = probe_feeds(target, reference, int8, classes)
+        # the island graph computes what the converted graph does (the joins are exact)
+        # once the int8 ops read by fp32 ones skip their 8-bit output step
+        islands = run_pipeline(fp32, ISLAND_PASSES + [SKIP_REQUANTIZE], PassContext(
+            inputs=ctx.inputs, outputs=outputs, options=dict(ctx.options)))
+        effects = fallback_effects(fp32, islands, outputs, notes,
+                                   [feeds[i] for i in chosen], ctx)
+        prediction = Prediction(target, _joined(reference), _joined(int8),
+                                _rows_of(reference, chosen), classes)
+        order, predicted = fallback_order(prediction, effects, costs)
+        rest = ranked_islands(errors, notes, output_sensitivity(
+            fp32, outputs, errors, feeds[:SENSITIVITY_FEEDS]) or None)
+        by_root = {n["node"]: n for n in notes}
+        ranked = [by_root[r] for r in order] + [n for n in rest if n["node"] not in order]
+        predicted += [predicted[-1]] * (len(ranked) - len(order))
+    result = search(target, ranked, errors, build, evaluate, macs, predicted, known)
     if measure_speed and result.fallbacks:
         chosen = build(result.exclude)
         result.latency_ms = latency_ms({"all_int8": build(set()), "with_fallbacks": chosen},

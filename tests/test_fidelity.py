@@ -6,8 +6,8 @@ import pytest
 from graphquant.convert import convert, graph_info
 from graphquant.errors import GraphQuantError
 from graphquant.execute import GraphRunner
-from graphquant.fidelity import (FidelityTarget, max_evaluations, measure, parse_target,
-                                 ranked_islands, search)
+from graphquant.fidelity import (FidelityTarget, Prediction, fallback_effects, fallback_order,
+                                 max_evaluations, measure, parse_target, ranked_islands, search)
 from graphquant.runtime import tf
 from graphquant.sensitivity import IslandError
 from helpers import build_graph, rel_l2
@@ -70,7 +70,27 @@ def test_bisection_finds_the_fewest_fallbacks_within_its_bound(n, need):
 
 
 def test_max_evaluations_is_logarithmic():
-    assert [max_evaluations(n) for n in (0, 1, 2, 8, 9, 1000)] == [1, 2, 3, 5, 6, 12]
+    assert [max_evaluations(n) for n in (0, 1, 2, 8, 9, 1000)] == [1, 3, 4, 6, 7, 13]
+
+
+@pytest.mark.parametrize("n,need,guess", [(27, 1, 1), (27, 1, 20), (27, 20, 1), (27, 27, 3),
+                                          (100, 60, 59), (5, 3, None)])
+def test_predicted_count_is_tried_first_and_the_bound_holds(n, need, guess):
+    errors, notes = fake_islands(n)
+    ranked = ranked_islands(errors, notes)
+    calls = []
+
+    def evaluate(k):
+        calls.append(k)
+        return 0.01 if k >= need else 0.5
+
+    predicted = None if guess is None else [0.5] * guess + [0.01] * (n + 1 - guess)
+    result = search(FidelityTarget("rel_l2", 0.02), ranked, errors, lambda ex: len(ex) // 2,
+                    evaluate, {}, predicted, known={0: 0.5})
+    assert len(result.fallbacks) == need and result.reached
+    assert 0 not in calls and len(calls) + 1 <= max_evaluations(n)
+    if guess is not None:
+        assert calls[0] == guess
 
 
 def small_net():
@@ -81,8 +101,11 @@ def small_net():
     def body(x):
         h = x
         for i in range(4):
-            h = t.nn.relu(t.nn.bias_add(t.nn.conv2d(h, c(3, 3, 8, 8), 1, "SAME"), c(8)))
-        return t.identity(t.nn.conv2d(h, c(1, 1, 8, 4), 1, "VALID"), name="out")
+            # named: a node called "Conv2D" in exclude= would mean every Conv2D (op type)
+            h = t.nn.relu(t.nn.bias_add(t.nn.conv2d(h, c(3, 3, 8, 8), 1, "SAME",
+                                                    name=f"conv{i}"), c(8), name=f"bias{i}"),
+                          name=f"act{i}")
+        return t.identity(t.nn.conv2d(h, c(1, 1, 8, 4), 1, "VALID", name="head"), name="out")
     return build_graph(body, x=[1, 10, 10, 8])
 
 
@@ -135,3 +158,56 @@ def test_top1_counts_softmax_outputs_only():
     target = FidelityTarget("top1", 0.99)
     assert measure(target, ref, cand, [False, True]) == 1.0      # the box "top-1" ignored
     assert measure(target, ref, cand) == 0.0
+
+
+def test_ranking_prefers_the_cheap_island_that_fixes_the_flipped_sample():
+    reference = [np.array([[0.6, 0.4], [0.52, 0.48], [0.1, 0.9]])]
+    int8 = [np.array([[0.62, 0.38], [0.47, 0.53], [0.12, 0.88]])]      # row 1 flipped
+    fix = np.array([[0.0, 0.0], [-0.05, 0.05], [0.0, 0.0]])             # int8 minus fallback
+    effects = {"big": [fix * 1.2], "cheap": [fix], "useless": [np.zeros((3, 2))]}
+    costs = {"big": 100.0, "cheap": 1.0, "useless": 1.0}
+    target = FidelityTarget("top1", 0.99)
+    prediction = Prediction(target, reference, int8, [np.arange(3)], [True])
+    order, predicted = fallback_order(prediction, effects, costs)
+    assert order == ["cheap"] and predicted == [pytest.approx(2 / 3), 1.0]   # then no gain
+
+
+def test_fallback_effects_match_converting_with_that_island_fp32():
+    from graphquant.fidelity import SKIP_REQUANTIZE
+    from graphquant.pipeline import ISLAND_PASSES, JOIN_PASSES, PassContext, run_pipeline
+
+    gd, outs = small_net()
+    rng = np.random.default_rng(1)
+    calib = [rng.normal(0, 1, (1, 10, 10, 8)).astype(np.float32) for _ in range(4)]
+    feeds = [{"x:0": c} for c in calib[:2]]
+    captured = {}
+
+    def capture(original, fp32, ctx, errors, probe_notes, *args, **kwargs):
+        captured.update(fp32=fp32, ctx=ctx, notes=[n for n in probe_notes if n["node"] in errors])
+        raise KeyboardInterrupt
+    import graphquant.fidelity as fidelity_mod
+    original, fidelity_mod.choose_fallbacks = fidelity_mod.choose_fallbacks, capture
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            convert(gd, calib, outputs=outs, target="avx2", max_layer_error=None,
+                    fidelity="rel_l2=0.001")
+    finally:
+        fidelity_mod.choose_fallbacks = original
+    fp32, ctx, notes = captured["fp32"], captured["ctx"], captured["notes"]
+
+    def converted(exclude):
+        c = PassContext(inputs=ctx.inputs, outputs=outs, options=dict(ctx.options,
+                                                                     exclude=set(exclude)))
+        return run_pipeline(run_pipeline(fp32, ISLAND_PASSES, c), JOIN_PASSES, c)
+
+    islands = run_pipeline(fp32, ISLAND_PASSES + [SKIP_REQUANTIZE], PassContext(
+        inputs=ctx.inputs, outputs=outs, options=dict(ctx.options)))
+    effects = fallback_effects(fp32, islands, outs, notes, feeds, ctx)
+    assert set(effects) == {n["node"] for n in notes} and len(notes) == 5
+    all_int8 = np.concatenate([GraphRunner(converted(()), outs)(f)[0] for f in feeds])
+    for note in notes:
+        runner = GraphRunner(converted(note["nodes"]), outs)
+        fallback = np.concatenate([runner(f)[0] for f in feeds])
+        assert np.abs(fallback - all_int8).max() > 0
+        np.testing.assert_allclose(all_int8 - effects[note["node"]][0], fallback,
+                                   atol=1e-4 * np.abs(fallback).max())
