@@ -279,7 +279,11 @@ def collect_statistics(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
     total = getattr(data, "num_samples", None)
     done = feeds_run = 0
     run_seconds = 0.0
-    with GraphRunner(reduced_graph, run_names, threads=threads) as runner, \
+    # Grappler off: the graph runs as written (every calibrated tensor is
+    # fetched, so there is little to fuse, and optimizing a large graph cost
+    # more than the runs: ResNet50, 180 tensors, 4 feeds: 3.2 s CPU for the
+    # first run and ~460 ms per run after, 0.9 s and ~260 ms without)
+    with GraphRunner(reduced_graph, run_names, threads=threads, grappler=False) as runner, \
             _Accumulator(graph_def, stats, reduced, raw, threads) as accumulator, \
             ThreadPoolExecutor(max_workers=1) as worker:
         pending = None      # the previous feed's statistics, reduced while the next one runs
@@ -346,7 +350,7 @@ class _Accumulator:
     def _add_whole(self, feeds, tensors: List[str]) -> None:
         if self.fallback is None:
             self.fallback = GraphRunner(self.graph_def, [r.tensor for r in self.reduced],
-                                        threads=self.threads)
+                                        threads=self.threads, grappler=False)
         start = time.perf_counter()
         whole = dict(zip(self.fallback.fetches, self.fallback(feeds)))
         self.seconds_run += time.perf_counter() - start
