@@ -428,6 +428,31 @@ def fallback_effects(fp32: graph_pb2.GraphDef, islands: graph_pb2.GraphDef,
             for r in roots if changes[r]}
 
 
+def _power_order(prediction: Prediction, effects: Mapping[str, Sequence[np.ndarray]],
+                 costs: Mapping[str, float]):
+    """rel_l2 when the greedy finds no set: the islands by the squared error each removes
+    alone per unit of cost, up to the first predicted to meet the target, the removals
+    added up (powers, not vectors: on mtcnn_pnet the effects overshoot as vectors).
+    ([], [all-int8 metric]) when even all of them are not predicted to meet it."""
+    target = prediction.target
+    base = [e * e for e in prediction._errors(prediction.change)]
+    gains = {}
+    for r in sorted(effects):
+        alone = [e * e for e in prediction._errors([c - e for c, e in
+                                                    zip(prediction.change, effects[r])])]
+        gains[r] = [b - a for b, a in zip(base, alone)]
+    score = {r: sum(max(g, 0.0) for g in gains[r]) / costs[r] for r in gains}
+    order = [r for r in sorted(gains, key=lambda r: (-score[r], r)) if score[r] > 0]
+    predicted, now = [math.sqrt(max(base))], list(base)
+    for r in order:
+        now = [n - g for n, g in zip(now, gains[r])]
+        predicted.append(math.sqrt(max(0.0, max(now))))
+    met = [k for k, v in enumerate(predicted) if target.met(v)]
+    if not met:
+        return [], predicted[:1]
+    return order[:met[0]], predicted[:met[0] + 1]
+
+
 def _margins(scores: np.ndarray, top: np.ndarray) -> np.ndarray:
     """Per row: the score of class ``top`` minus the best other score (<= 0: top-1 differs)."""
     rows = np.arange(len(top))
@@ -523,8 +548,9 @@ def fallback_order(prediction: Prediction, effects: Mapping[str, Sequence[np.nda
     of cost (its multiply-adds) given the ones already chosen, up to the first step
     predicted to meet the target; the effects, measured one island at a time, stop adding
     up after a few steps on some graphs, so the prediction is trusted no further (the
-    caller orders the rest by output sensitivity).  One island alone is predicted exactly:
-    the cheapest one meeting the target replaces a dearer greedy set."""
+    caller orders the rest by output sensitivity); rel_l2 without such a step tries
+    :func:`_power_order`.  One island alone is predicted exactly: the cheapest one
+    meeting the target replaces a dearer set."""
     target = prediction.target
     change = list(prediction.change)
     loss = prediction.loss(change)
@@ -547,6 +573,8 @@ def fallback_order(prediction: Prediction, effects: Mapping[str, Sequence[np.nda
         order, predicted = [], predicted[:1]
     alone = {r: prediction.metric([c - e for c, e in zip(prediction.change, effects[r])])
              for r in sorted(effects)}
+    if not order and target.metric == "rel_l2":
+        order, predicted = _power_order(prediction, effects, costs)
     singles = sorted((costs[r], r) for r, v in alone.items() if target.met(v))
     if singles and (not order or singles[0][0] < sum(costs[r] for r in order)):
         order, predicted = [singles[0][1]], [predicted[0], alone[singles[0][1]]]
