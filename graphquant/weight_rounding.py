@@ -33,7 +33,8 @@ Gram matrix in the graph.  Work grows as positions x inputs^2 per feed plus
 inputs^2 x outputs per op, and the graph runs once more per feed: at most
 :data:`MAX_FEEDS` feeds, fewer where those runs would take more than half of
 :data:`COST_BUDGET` multiply-adds, and ops cheapest first until the budget is
-spent (small models: every op; large ones: those that fit, or none).  The result is ``ctx.options['rounded_weights']``
+spent (small models: every op; large ones: those that fit, or none).  The result
+is ``ctx.options['rounded_weights']``
 (:func:`graphquant.int8_rewrite.rounded_key` -> QuantizedWeights), read by
 :func:`graphquant.int8_rewrite.quantize_weights`, so bias correction, the
 sensitivity probe and the quantize passes all use the same integers.

@@ -258,3 +258,52 @@ def test_without_bias_correction_the_int8_reader_gets_the_rounding_of_lo_sum_w()
         bound = np.abs(x).reshape(-1, 8) @ w_err + 0.5 * s_bias + 1e-4
         err = np.abs(got({"x:0": x})[0] - ref({"x:0": x})[0]).reshape(-1, 6)
         assert np.all(err <= bound)
+
+
+def _hardswish_into_depthwise(t, lo_scale):
+    """x -> hard-swish-like (min ``-lo_scale``, max ~6) -> Transpose pair -> SAME depthwise."""
+    def body(x):
+        y = x * t.nn.relu6(x + 3.0) / 6.0 * lo_scale
+        y = t.transpose(t.transpose(y, [0, 3, 1, 2]), [0, 2, 3, 1], name="y")
+        z = t.nn.bias_add(t.nn.depthwise_conv2d(y, const(3, 3, 8, 1), [1, 1, 1, 1], "SAME",
+                                                name="dw"), const(8))
+        return t.identity(z, name="out")
+    return body
+
+
+def test_padded_depthwise_on_an_asymmetric_tensor_pads_before_the_shift():
+    t = tf()
+    gd, outs = build_graph(_hardswish_into_depthwise(t, 1.0), x=[1, 9, 9, 8])
+    feeds = feeds_of([1, 9, 9, 8], offset=1.0)
+    out, ctx, ranges = shifted(gd, outs, feeds)
+    assert_same_outputs(gd, out, outs, feeds)
+    index = GraphIndex(out)
+    dw = next(n for n in out.node if n.op == "DepthwiseConv2dNative")
+    assert dw.attr["padding"].s == b"VALID"
+    shift = index.node(dw.input[0])
+    assert shift.op == "AddV2" and index.node(shift.input[0]).op == "Pad"
+    assert ctx.options["ranges"][f"{shift.name}:0"][0] == 0.0
+    # int8: the shifted input has a finer step, the output error drops
+    ref = GraphRunner(gd, outs)
+
+    def error(shift_signed):
+        got = GraphRunner(convert(gd, feeds, outputs=outs, target="avx2", max_layer_error=None,
+                                  shift_signed=shift_signed).graph_def, outs)
+        return np.mean([rel_l2(got(f)[0], ref(f)[0]) for f in feeds])
+
+    assert error(True) < 0.8 * error(False)
+
+
+def test_padded_depthwise_on_a_symmetric_tensor_is_left_alone():
+    t = tf()
+
+    def body(x):
+        y = t.identity(x * 2.0, name="y")            # symmetric: the shift gains no step
+        z = t.nn.depthwise_conv2d(y, const(3, 3, 8, 1), [1, 1, 1, 1], "SAME", name="dw")
+        return t.identity(z, name="out")
+
+    gd, outs = build_graph(body, x=[1, 9, 9, 8])
+    feeds = feeds_of([1, 9, 9, 8])
+    out, _, _ = shifted(gd, outs, feeds)
+    dw = next(n for n in out.node if n.op == "DepthwiseConv2dNative")
+    assert dw.attr["padding"].s == b"SAME" and dw.input[0] == "y"
