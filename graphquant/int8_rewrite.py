@@ -49,10 +49,11 @@ def quantize_weights(ctx, weights, kind: str, signed_input: bool, transpose_b: b
     name = tgt.name if tgt is not None else "avx2"
     per_channel = not ctx.options.get("per_tensor", False)
     weights = np.ascontiguousarray(weights, np.float32)
-    rounded = (ctx.options.get("rounded_weights") or {}).get(   # graphquant/weight_rounding.py
-        rounded_key(weights, kind, signed_input, transpose_b))
-    if rounded is not None:
-        return rounded
+    rounded = ctx.options.get("rounded_weights")   # graphquant/weight_rounding.py
+    if rounded:
+        hit = rounded.get(rounded_key(weights, kind, signed_input, transpose_b))
+        if hit is not None:
+            return hit
     if uses_pair_weights(ctx, kind, signed_input):   # 8-bit weights, pairs limited (issue 6)
         fmt = ("pairs", kind, per_channel, transpose_b)
         compute = functools.partial(pair_weights.quantize_weights, weights, kind,
