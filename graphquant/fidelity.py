@@ -344,8 +344,9 @@ def fp32_copies(fp32: graph_pb2.GraphDef, islands: graph_pb2.GraphDef,
             return None
         producer = index.node(dq.input[0])
         readers = [r.name for r in index.consumer_nodes(root) if r.op == "QuantizeV2"]
-        if producer.op not in _INT8_OPS or not set(readers) <= own:
-            return None
+        if (producer.op not in _INT8_OPS or not set(readers) <= own
+                or b"Sum" in producer.attr["fused_ops"].list.s):
+            return None       # (a Sum fusion keeps its 8-bit output and writes in place)
         if FLOAT_PREFIX + root not in copied:
             copied.add(FLOAT_PREFIX + root)
             for node, source in ((merged.node.add(), producer), (merged.node.add(), dq)):
