@@ -332,10 +332,11 @@ def fp32_copies(fp32: graph_pb2.GraphDef, islands: graph_pb2.GraphDef,
         while todo:
             name = todo.pop()
             if name in found or (name != root and (name in roots or fp32_ops.get(name) ==
-                                                   index.nodes[name].op)):
+                                                   getattr(index.nodes.get(name), "op", 0))):
                 continue
             found.add(name)
-            todo += [parse_tensor_name(i).node for i in index.nodes[name].input]
+            node = index.nodes.get(name)
+            todo += [parse_tensor_name(i).node for i in (node.input if node else [])]
         return found
 
     def float_copy(root: str, own: Set[str]) -> Optional[str]:
@@ -407,6 +408,7 @@ def fallback_effects(fp32: graph_pb2.GraphDef, islands: graph_pb2.GraphDef,
     One run per island and feed, no conversion."""
     from graphquant.pipeline import PassContext, run_pipeline
 
+    notes = list({str(n["node"]): n for n in notes}.values())     # one note per island
     merged, floats = fp32_copies(fp32, islands, notes)
     merged = run_pipeline(merged, [SKIP_REQUANTIZE], PassContext(
         inputs=ctx.inputs, outputs=list(outputs), options=dict(ctx.options)))
@@ -427,6 +429,16 @@ def fallback_effects(fp32: graph_pb2.GraphDef, islands: graph_pb2.GraphDef,
                 changes[root].append([b - g for g, b in zip(got, base)])
     return {r: [np.concatenate([c[i] for c in changes[r]]) for i in range(len(outputs))]
             for r in roots if changes[r]}
+
+
+def _probe_island_effects(notes, built, effects):
+    """``effects`` of the islands as built (``built``: their int8 notes) per island of the
+    probe (``notes``): the probe leaves residual Adds fp32, so a conv and the Add its Sum
+    fusion takes in are one island as built and the conv alone in the probe; the conv
+    falling back takes the whole built island with it."""
+    owner = {m: str(n["node"]) for n in built for m in n.get("nodes", [n["node"]])}
+    return {str(n["node"]): effects[owner[n["node"]]] for n in notes
+            if owner.get(n["node"]) in effects}
 
 
 def _power_order(prediction: Prediction, effects: Mapping[str, Sequence[np.ndarray]],
@@ -708,10 +720,10 @@ def choose_fallbacks(original: graph_pb2.GraphDef, fp32: graph_pb2.GraphDef, ctx
         chosen = probe_feeds(target, reference, int8, classes)
         # the island graph computes what the converted graph does (the joins are exact)
         # once the int8 ops read by fp32 ones skip their 8-bit output step
-        islands = run_pipeline(fp32, ISLAND_PASSES + [SKIP_REQUANTIZE], PassContext(
-            inputs=ctx.inputs, outputs=outputs, options=dict(ctx.options)))
-        effects = fallback_effects(fp32, islands, outputs, notes,
-                                   [feeds[i] for i in chosen], ctx)
+        c = PassContext(inputs=ctx.inputs, outputs=outputs, options=dict(ctx.options))
+        islands = run_pipeline(fp32, ISLAND_PASSES + [SKIP_REQUANTIZE], c)
+        effects = _probe_island_effects(notes, c.notes_of("int8"), fallback_effects(
+            fp32, islands, outputs, c.notes_of("int8"), [feeds[i] for i in chosen], ctx))
         prediction = Prediction(target, _joined(reference), _joined(int8),
                                 _rows_of(reference, chosen), classes)
         order, predicted = fallback_order(prediction, effects, costs)

@@ -211,3 +211,38 @@ def test_fallback_effects_match_converting_with_that_island_fp32():
         assert np.abs(fallback - all_int8).max() > 0
         np.testing.assert_allclose(all_int8 - effects[note["node"]][0], fallback,
                                    atol=1e-4 * np.abs(fallback).max())
+
+
+def test_residual_islands_get_the_effect_of_the_island_their_sum_fusion_builds():
+    from graphquant.fidelity import _probe_island_effects
+    probe = [{"node": "conv_b", "nodes": ["conv_b", "bias_b"]}, {"node": "conv_a"},
+             {"node": "pool"}]
+    built = [{"node": "add", "nodes": ["add", "conv_b", "bias_b"]}, {"node": "conv_a"}]
+    effects = {"add": ["e_add"], "conv_a": ["e_a"]}
+    assert _probe_island_effects(probe, built, effects) == {"conv_b": ["e_add"],
+                                                            "conv_a": ["e_a"]}
+
+
+def test_fidelity_on_a_residual_net_meets_the_target():
+    t = tf()
+    rng = np.random.default_rng(5)
+    c = lambda *shape: t.constant(rng.normal(0, 0.3, shape).astype(np.float32))
+
+    def body(x):
+        h = t.nn.relu(t.nn.bias_add(t.nn.conv2d(x, c(3, 3, 8, 8), 1, "SAME", name="c0"),
+                                    c(8), name="b0"), name="r0")
+        for i in range(1, 3):
+            y = t.nn.bias_add(t.nn.conv2d(h, c(3, 3, 8, 8), 1, "SAME", name=f"c{i}"), c(8),
+                              name=f"b{i}")
+            h = t.nn.relu(t.math.add(y, h, name=f"add{i}"), name=f"r{i}")
+        return t.identity(t.nn.conv2d(h, c(1, 1, 8, 4), 1, "VALID", name="head"), name="out")
+    gd, outs = build_graph(body, x=[1, 8, 8, 8])
+    calib = [rng.normal(0, 1, (1, 8, 8, 8)).astype(np.float32) for _ in range(6)]
+    val = [rng.normal(0, 1, (1, 8, 8, 8)).astype(np.float32) for _ in range(4)]
+    plain = graph_info(convert(gd, calib, outputs=outs, target="avx2", max_layer_error=None,
+                               fidelity="rel_l2=1", validation=val).graph_def)["fidelity"]
+    goal = plain["all_int8"] / 3
+    fid = graph_info(convert(gd, calib, outputs=outs, target="avx2", max_layer_error=None,
+                             fidelity=f"rel_l2={goal}", validation=val).graph_def)["fidelity"]
+    assert fid["reached"] and fid["measured"] <= goal and fid["fallbacks"]
+    assert len(fid["evaluations"]) <= fid["max_evaluations"]
