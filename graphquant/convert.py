@@ -138,7 +138,7 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
             graph_def, fp32, ctx, errors, probe_notes, fidelity,
             validation if validation is not None else data, image_spec=image_spec,
             measure_speed=measure_fallback_speed)
-        ctx.options["exclude"] = set(ctx.options.get("exclude") or ()) | fid.exclude
+        ctx.options["fp32_nodes"] = set(ctx.options.get("fp32_nodes") or ()) | fid.exclude
     islands = run_pipeline(fp32, ISLAND_PASSES, ctx)
     int8 = run_pipeline(islands, JOIN_PASSES, ctx)
     if shift_signed:   # issue 6: the shifts' fp32 AddV2s into their QuantizeV2s
@@ -185,7 +185,7 @@ def _measure_islands(fp32, ctx, data):
 
 def _keep_coarse_islands_fp32(errors, probe_notes, ctx, limit):
     """Exclude (and report) the nodes of islands whose own error exceeds ``limit``."""
-    excluded = set(ctx.options.get("exclude") or ())
+    excluded = set(ctx.options.get("fp32_nodes") or ())   # node names (int8_rewrite.excluded)
     for note in probe_notes:
         root = note["node"]
         if root not in errors or errors[root].own <= limit:
@@ -195,7 +195,7 @@ def _keep_coarse_islands_fp32(errors, probe_notes, ctx, limit):
             ctx.note("sensitivity", name, f"kept in fp32: int8 error {errors[root].own:.1%} of "
                      f"its output on the calibration data, above the {limit:.0%} limit",
                      kind="fp32")
-    ctx.options["exclude"] = excluded
+    ctx.options["fp32_nodes"] = excluded
 
 
 def graph_info(graph_def: graph_pb2.GraphDef) -> dict:

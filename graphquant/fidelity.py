@@ -684,7 +684,7 @@ def choose_fallbacks(original: graph_pb2.GraphDef, fp32: graph_pb2.GraphDef, ctx
     """What :func:`graphquant.convert.convert` runs for ``fidelity=``: the search on the
     ``validation`` data (any form ``calib`` takes), building with copies of ``ctx``;
     notes every fallback in ``ctx`` (kind fp32) and returns the result (whose
-    :attr:`FidelityResult.exclude` the caller adds to ``ctx.options['exclude']``)."""
+    :attr:`FidelityResult.exclude` the caller adds to ``ctx.options['fp32_nodes']``)."""
     from graphquant.calib_data import open_data
     from graphquant.execute import tensor_shapes
     from graphquant.pipeline import ISLAND_PASSES, JOIN_PASSES, PassContext, run_pipeline
@@ -693,11 +693,11 @@ def choose_fallbacks(original: graph_pb2.GraphDef, fp32: graph_pb2.GraphDef, ctx
     outputs = ctx.outputs
     feeds = list(open_data(validation, original, inputs=ctx.inputs, image_spec=image_spec,
                            kind="validation"))
-    base_exclude = set(ctx.options.get("exclude") or ())
+    base_exclude = set(ctx.options.get("fp32_nodes") or ())   # sensitivity's fallbacks
 
     def build(exclude: Set[str]) -> graph_pb2.GraphDef:
         c = PassContext(inputs=ctx.inputs, outputs=outputs,
-                        options=dict(ctx.options, exclude=base_exclude | exclude))
+                        options=dict(ctx.options, fp32_nodes=base_exclude | exclude))
         return run_pipeline(run_pipeline(fp32, ISLAND_PASSES, c), JOIN_PASSES, c)
 
     found = class_score_outputs(original, outputs)

@@ -124,11 +124,17 @@ def corrected_bias(ctx, node: str, bias: np.ndarray) -> np.ndarray:
 
 
 def excluded(ctx, match: Match) -> Optional[str]:
-    """The reason a match must stay fp32 because the user excluded one of its nodes."""
+    """The reason a match must stay fp32: the user excluded one of its nodes
+    (``exclude``: node names or op types) or convert's accuracy checks chose it
+    (``fp32_nodes``: node names only -- a fallback node named like an op type,
+    e.g. TF's default name "Conv2D", must not exclude every op of that type)."""
     excludes = set(ctx.options.get("exclude") or ())
+    fallbacks = set(ctx.options.get("fp32_nodes") or ())
     for node in match.matched:
         if node.name in excludes or node.op in excludes:
             return f"excluded by --exclude ({node.name if node.name in excludes else node.op})"
+        if node.name in fallbacks:
+            return f"kept fp32 by the accuracy checks ({node.name})"
     return None
 
 

@@ -193,3 +193,23 @@ def test_one_weight_bound_const_is_bit_identical_to_min_max_pair(depthwise, per_
     conventional = _with_conventional_weight_range(int8)
     np.testing.assert_array_equal(run_graph(int8, {"x:0": x}, outs)[0],
                                   run_graph(conventional, {"x:0": x}, outs)[0])
+
+
+def test_accuracy_fallbacks_match_node_names_only():
+    """convert's own fallbacks (``fp32_nodes``) name nodes: a node TF named "Conv2D"
+    stays fp32 without taking every Conv2D op with it (``exclude`` also takes op types)."""
+    t = tf()
+    w1 = RNG.normal(0, 0.3, [3, 3, 8, 8]).astype(np.float32)
+    w2 = RNG.normal(0, 0.3, [3, 3, 8, 8]).astype(np.float32)
+
+    def body(x):
+        y = t.nn.relu(t.nn.conv2d(x, t.constant(w1), 1, "SAME"))   # TF names it "Conv2D"
+        return t.nn.relu(t.nn.conv2d(y, t.constant(w2), 1, "SAME", name="conv2"))
+
+    gd, outs = build_graph(body, x=[2, 9, 9, 8])
+    assert "Conv2D" in {n.name for n in gd.node}
+    x = RNG.uniform(0, 1, [2, 9, 9, 8]).astype(np.float32)
+    int8, ctx, _ = quantize_tiny(gd, outs, {"x:0": x}, ["quantize_conv"], fp32_nodes={"Conv2D"})
+    assert [n.name for n in int8.node if n.op == "Conv2D"] == ["Conv2D"]
+    assert sum(n.op == "_FusedQuantizedConv2D" for n in int8.node) == 1
+    assert any("accuracy checks" in n["message"] for n in ctx.notes_of("fp32"))
