@@ -82,8 +82,8 @@ flags.DEFINE_bool("bias_correction", True, "Correct each layer's per-channel out
 flags.DEFINE_bool("equalize", False, "Cross-layer weight equalization of conv -> conv chains "
                   "before quantizing (where it lowers the expected error).", flag_values=FLAGS)
 flags.DEFINE_string("fidelity", None, "Accuracy target, e.g. top1=0.99 or rel_l2=0.02: keep "
-                    "the fewest most sensitive layers in fp32 until the int8 graph meets it on "
-                    "--validation data.", flag_values=FLAGS)
+                    "in fp32 the layers whose fallback helps most per multiply-add until the int8 "
+                    "graph meets it on --validation data.", flag_values=FLAGS)
 flags.DEFINE_string("validation", None, "Data for --fidelity (same forms as --calib; "
                     "default: the calibration data).", flag_values=FLAGS)
 flags.DEFINE_string("report", None, "Write the conversion report here: .md, .html or .json.",
