@@ -27,15 +27,14 @@ from __future__ import annotations
 from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
-from tensorflow.core.framework import graph_pb2, types_pb2
+from tensorflow.core.framework import graph_pb2
 
 from graphquant import quant_math
 from graphquant.execute import GraphRunner
-from graphquant.graph import GraphIndex, canonical_tensor, const_value, make_const, make_node
-from graphquant.int8_rewrite import quantize_weights
+from graphquant.graph import make_const, make_node
+from graphquant.int8_rewrite import quantize_weights, weighted_ops
 
 SCOPE = "graphquant_bias_correction"
-KINDS = {"Conv2D": "conv", "DepthwiseConv2dNative": "depthwise", "MatMul": "matmul"}
 
 
 def dequantized_weights(qw: quant_math.QuantizedWeights, kind: str, shape,
@@ -50,23 +49,8 @@ def dequantized_weights(qw: quant_math.QuantizedWeights, kind: str, shape,
 
 def _candidates(graph_def, ranges) -> Dict[str, Tuple[str, np.ndarray, bool]]:
     """node name -> (kind, float weights, signed input) of every op the int8 passes may take."""
-    index = GraphIndex(graph_def)
-    out = {}
-    for node in graph_def.node:
-        kind = KINDS.get(node.op)
-        if kind is None or node.attr["T"].type != types_pb2.DT_FLOAT:
-            continue
-        if kind == "matmul" and node.attr["transpose_a"].b:
-            continue
-        if kind != "matmul" and node.attr["data_format"].s not in (b"", b"NHWC"):
-            continue
-        weights_node = index.node(node.input[1])
-        x_range = ranges.get(canonical_tensor(node.input[0]))
-        if weights_node.op != "Const" or x_range is None:
-            continue
-        out[node.name] = (kind, const_value(weights_node).astype(np.float32),
-                          quant_math.needs_signed(x_range[0]))
-    return out
+    return {node.name: (kind, w, quant_math.needs_signed(x_range[0]))
+            for node, kind, w, x_range in weighted_ops(graph_def, ranges)}
 
 
 def weight_errors(graph_def, ranges, ctx) -> Dict[str, np.ndarray]:

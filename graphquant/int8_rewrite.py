@@ -19,10 +19,10 @@ import collections
 import functools
 import hashlib
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Mapping, Optional, Tuple
 
 from graphquant import int8_ops, pair_weights, quant_math
-from graphquant.graph import canonical_tensor, make_const
+from graphquant.graph import GraphIndex, canonical_tensor, const_value, make_const
 from graphquant.pattern import Match, RewriteContext
 
 import numpy as np
@@ -121,6 +121,32 @@ def corrected_bias(ctx, node: str, bias: np.ndarray) -> np.ndarray:
     if delta is None:
         delta = (ctx.options.get("offset_bias_deltas") or {}).get(node)
     return bias if delta is None else (bias + delta).astype(np.float32)
+
+
+#: the ops whose weights the int8 passes quantize, by their kind in quant_math
+WEIGHTED_OPS = {"Conv2D": "conv", "DepthwiseConv2dNative": "depthwise", "MatMul": "matmul"}
+
+
+def weighted_ops(graph_def, ranges: Mapping[str, Tuple[float, float]],
+                 kinds: Mapping[str, str] = WEIGHTED_OPS) -> Iterator[tuple]:
+    """(node, kind, float32 weights, input range) of every op of ``kinds`` the int8
+    passes may take, in graph order: float, NHWC (convs), not transpose_a (matmuls),
+    Const weights, and a range in ``ranges`` for its input."""
+    from tensorflow.core.framework import types_pb2
+
+    index = GraphIndex(graph_def)
+    for node in graph_def.node:
+        kind = kinds.get(node.op)
+        if kind is None or node.attr["T"].type != types_pb2.DT_FLOAT:
+            continue
+        if kind == "matmul" and node.attr["transpose_a"].b:
+            continue
+        if kind != "matmul" and node.attr["data_format"].s not in (b"", b"NHWC"):
+            continue
+        weights = index.node(node.input[1])
+        x_range = ranges.get(canonical_tensor(node.input[0]))
+        if weights.op == "Const" and x_range is not None:
+            yield node, kind, const_value(weights).astype(np.float32), x_range
 
 
 def excluded(ctx, match: Match) -> Optional[str]:

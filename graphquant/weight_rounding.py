@@ -47,12 +47,12 @@ from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterable, List, Mapping, Tuple
 
 import numpy as np
-from tensorflow.core.framework import graph_pb2, types_pb2
+from tensorflow.core.framework import graph_pb2
 
 from graphquant import pair_weights
 from graphquant.execute import GraphRunner, tensor_shapes
-from graphquant.graph import GraphIndex, canonical_tensor, const_value, make_const, make_node
-from graphquant.int8_rewrite import quantize_weights, rounded_key, uses_pair_weights
+from graphquant.graph import canonical_tensor, make_const, make_node
+from graphquant.int8_rewrite import quantize_weights, rounded_key, uses_pair_weights, weighted_ops
 from graphquant import quant_math
 
 SCOPE = "graphquant_weight_rounding"
@@ -157,21 +157,11 @@ class Candidate:
 def candidates(graph_def: graph_pb2.GraphDef, ranges, exclude=()) -> List[Candidate]:
     """The convs/matmuls with constant weights and a planned input range (what the int8
     passes take), NHWC, not excluded."""
-    index = GraphIndex(graph_def)
     shapes = tensor_shapes(graph_def)
     out = []
-    for node in graph_def.node:
-        kind = KINDS.get(node.op)
-        if kind is None or node.attr["T"].type != types_pb2.DT_FLOAT or node.name in exclude:
+    for node, kind, w, x_range in weighted_ops(graph_def, ranges, KINDS):
+        if node.name in exclude:
             continue
-        if kind == "matmul" and node.attr["transpose_a"].b:
-            continue
-        if kind == "conv" and node.attr["data_format"].s not in (b"", b"NHWC"):
-            continue
-        w_node, x_range = index.node(node.input[1]), ranges.get(canonical_tensor(node.input[0]))
-        if w_node.op != "Const" or x_range is None:
-            continue
-        w = const_value(w_node).astype(np.float32)
         y_shape = shapes.get(node.name)
         if kind == "conv":
             x_shape = shapes.get(canonical_tensor(node.input[0]).split(":")[0])

@@ -392,10 +392,10 @@ def shift_signed_activations(graph_def, ctx):
     int8_deltas = dict(ctx.options.get("offset_bias_deltas") or {})
 
     def int8_sums(node, weights):   # the weights the int8 reader (unsigned input) will use
-        from graphquant.bias_correction import KINDS, dequantized_weights
-        from graphquant.int8_rewrite import quantize_weights
+        from graphquant.bias_correction import dequantized_weights
+        from graphquant.int8_rewrite import WEIGHTED_OPS, quantize_weights
 
-        kind = KINDS[node.op]
+        kind = WEIGHTED_OPS[node.op]
         tb = kind == "matmul" and node.attr["transpose_b"].b
         qw = quantize_weights(ctx, weights.astype(np.float32), kind, False, transpose_b=tb)
         return weight_sums(node, dequantized_weights(qw, kind, weights.shape, tb))
