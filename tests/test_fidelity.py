@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 
+from graphquant import metrics
 from graphquant.convert import convert, graph_info
 from graphquant.errors import GraphQuantError
 from graphquant.execute import GraphRunner
-from graphquant.fidelity import (FidelityTarget, Prediction, fallback_effects, fallback_order,
-                                 max_evaluations, measure, parse_target, ranked_islands, search)
+from graphquant.fidelity import (REMEASURES, FidelityTarget, Prediction, fallback_effects,
+                                 fallback_order, max_evaluations, measure, parse_target,
+                                 ranked_islands, search, top1_at_risk)
 from graphquant.runtime import tf
 from graphquant.sensitivity import IslandError
 from helpers import build_graph, rel_l2
@@ -70,7 +72,8 @@ def test_bisection_finds_the_fewest_fallbacks_within_its_bound(n, need):
 
 
 def test_max_evaluations_is_logarithmic():
-    assert [max_evaluations(n) for n in (0, 1, 2, 8, 9, 1000)] == [1, 3, 4, 6, 7, 13]
+    # 3 + ceil(log2 n), plus REMEASURES = 2 re-predicted counts for more than one island
+    assert [max_evaluations(n) for n in (0, 1, 2, 8, 9, 1000)] == [1, 3, 6, 8, 9, 15]
 
 
 @pytest.mark.parametrize("n,need,guess", [(27, 1, 1), (27, 1, 20), (27, 20, 1), (27, 27, 3),
@@ -91,6 +94,84 @@ def test_predicted_count_is_tried_first_and_the_bound_holds(n, need, guess):
     assert 0 not in calls and len(calls) + 1 <= max_evaluations(n)
     if guess is not None:
         assert calls[0] == guess
+
+
+@pytest.mark.parametrize("n", [2, 3, 6, 17, 64])
+@pytest.mark.parametrize("need", [1, 2, 5, "all", "never"])
+@pytest.mark.parametrize("fixes", [0, 1, REMEASURES, REMEASURES + 3])
+def test_remeasured_orders_keep_the_search_within_its_bound(n, need, fixes):
+    """Every predicted count fails until the order has been re-measured ``fixes`` times;
+    re-measuring puts the islands that meet the target (those named "good*") right after
+    the failed ones and predicts that count.  The search stops within max_evaluations, and
+    when the good islands reach the front in time it returns exactly those."""
+    errors, notes = fake_islands(n)
+    need_k = {"all": n, "never": n + 1}[need] if isinstance(need, str) else min(need, n)
+    good = set(sorted(errors)[-need_k:]) if need_k <= n else set()   # last by own error
+    ranked = ranked_islands(errors, notes)
+    calls, hooks = [], []
+
+    def evaluate(exclude):
+        calls.append(len(exclude))
+        return 0.01 if good and good <= {e for e in exclude if "/" not in e} else 0.5
+
+    def remeasure(k, ranked_now):
+        hooks.append(k)
+        kept = ranked_now[:k]
+        rest = [r for r in ranked_now[k:]]
+        if len(hooks) < fixes or not good:
+            rest = rest[::-1]
+            return kept + rest, [0.5] + [0.01] * len(rest)      # predicted, wrongly, at k+1
+        first = [r for r in rest if r["node"] in good]
+        rest = first + [r for r in rest if r["node"] not in good]
+        return kept + rest, [0.5] * len(first) + [0.01] * (len(rest) - len(first) + 1)
+
+    predicted = [0.5] + [0.01] * n          # the first prediction: one island is enough
+    result = search(FidelityTarget("rel_l2", 0.02), ranked, errors, lambda ex: ex, evaluate,
+                    {}, predicted, None, remeasure)
+    assert len(calls) <= max_evaluations(n) and len(hooks) <= REMEASURES
+    assert len(result.evaluations) == len(calls)
+    assert result.reached == bool(good)
+    if good:
+        chosen = {f.island for f in result.fallbacks}
+        assert good <= chosen
+        if fixes <= REMEASURES and need_k < n - 1:
+            # found after the re-measure: the failed prefix plus the good islands, no more
+            assert hooks and len(chosen) <= hooks[-1] + len(good)
+
+
+def test_top1_counts_samples_that_lost_half_their_margin_as_misses():
+    ref = np.array([[3.0, 1.0], [2.0, 1.0], [0.0, 4.0], [1.0, 0.5]])      # margins 2, 1, 4, .5
+    shift = np.array([[-1.2, 0.0], [-0.4, 0.0], [0.0, 0.0], [0.0, 0.6]])
+    # sample 0 lost 60% of its margin (at risk), sample 1 40% (safe), sample 3 flipped
+    assert top1_at_risk(ref, ref + shift) == pytest.approx(1 - 2 / 4)
+    assert metrics.topk_agreement(ref, ref + shift, 1) == pytest.approx(3 / 4)
+    assert top1_at_risk(ref, ref) == 1.0
+    assert top1_at_risk(ref, ref - shift) == 1.0            # margins that grow are safe
+    # Softmax outputs are compared in log space: the margins are logit differences
+    soft = lambda z: np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    assert top1_at_risk(soft(ref), soft(ref + shift), log=True) == pytest.approx(0.5)
+    assert measure(FidelityTarget("top1", 0.99), [soft(ref)], [soft(ref + shift)],
+                   [True]) == pytest.approx(0.5)
+
+
+def test_a_fallback_that_only_unflips_a_sample_is_not_enough():
+    """The ranking and the prediction count a sample that keeps less than half its margin
+    as a miss: the island restoring the flipped sample alone is predicted to miss the
+    target while another sample stays at risk; the one restoring both meets it."""
+    reference = [np.array([[0.9, 0.1], [0.52, 0.48], [0.2, 0.8], [0.7, 0.3]])]
+    int8 = [np.array([[0.9, 0.1], [0.47, 0.53], [0.2, 0.8], [0.58, 0.42]])]
+    # row 1 flipped, row 3 lost 0.24 of its 0.4 margin
+    unflip = np.zeros((4, 2))
+    unflip[1] = [-0.05, 0.05]                                  # int8 minus fallback
+    both = unflip.copy()
+    both[3] = [-0.12, 0.12]
+    target = FidelityTarget("top1", 0.99)
+    prediction = Prediction(target, reference, int8, [np.arange(4)], [True])
+    assert prediction.metric(prediction.change) == pytest.approx(0.5)
+    assert prediction.metric([prediction.change[0] - unflip]) == pytest.approx(0.75)
+    order, predicted = fallback_order(prediction, {"unflip": [unflip], "both": [both]},
+                                      {"unflip": 1.0, "both": 3.0})
+    assert order == ["both"] and predicted[-1] == 1.0
 
 
 def small_net():
@@ -162,7 +243,7 @@ def test_top1_counts_softmax_outputs_only():
 
 def test_ranking_prefers_the_cheap_island_that_fixes_the_flipped_sample():
     reference = [np.array([[0.6, 0.4], [0.52, 0.48], [0.1, 0.9]])]
-    int8 = [np.array([[0.62, 0.38], [0.47, 0.53], [0.12, 0.88]])]      # row 1 flipped
+    int8 = [np.array([[0.62, 0.38], [0.47, 0.53], [0.11, 0.89]])]      # row 1 flipped
     fix = np.array([[0.0, 0.0], [-0.05, 0.05], [0.0, 0.0]])             # int8 minus fallback
     effects = {"big": [fix * 1.2], "cheap": [fix], "useless": [np.zeros((3, 2))]}
     costs = {"big": 100.0, "cheap": 1.0, "useless": 1.0}
