@@ -1,12 +1,15 @@
 """The accuracy steps of :func:`graphquant.convert.convert` between calibration and quantization.
 
-    [equalize_cross_layer] ─► calibrate ─► [shift_signed_activations] ─► [weight rounding]
-      ─► [bias corrections] ─► plan_ranges ─► int8 passes
+    [center_channels] ─► [equalize_cross_layer] ─► calibrate ─► [shift_signed_activations]
+      ─► [weight rounding] ─► [bias corrections] ─► plan_ranges ─► int8 passes
 
 Each step is an fp32 rewrite that leaves the fp32 outputs unchanged, or a
 choice of int8 parameters kept in ``ctx.options``; :func:`convert` switches
 them with keywords:
 
+* ``center_channels`` -- :mod:`graphquant.passes.center_channels`: channels
+  between a depthwise conv and an unpadded conv reading it moved to the middle of their
+  ranges (the 8-bit step spans the widest channel, not all of them);
 * ``equalize`` -- :mod:`graphquant.passes.equalize_cross_layer`: channels
   between two convs rescaled where the expected noise at the second drops;
 * ``shift_signed`` -- :mod:`graphquant.passes.shift_signed_activations`:
@@ -39,13 +42,23 @@ from graphquant.ranges import plan_ranges
 Range = Tuple[float, float]
 
 
-def before_calibration(fp32: graph_pb2.GraphDef, ctx, data, *, equalize: bool = True
-                       ) -> graph_pb2.GraphDef:
+def before_calibration(fp32: graph_pb2.GraphDef, ctx, data, *, equalize=True,
+                       center_channels: bool = False) -> graph_pb2.GraphDef:
     """The clean fp32 graph with the enabled fp32 identities that change what calibration
-    sees: cross-layer equalization (statistics of the tensors between pairs on ``data``)."""
+    sees: per-channel centring and cross-layer equalization (statistics of the tensors
+    between pairs on ``data``).  ``equalize``: True (weight ranges equalized) or
+    "activation" (scales of least expected noise)."""
+    if center_channels:
+        from graphquant.passes.center_channels import find_centerable
+        from graphquant.passes.equalize_cross_layer import channel_statistics
+
+        ctx.options["channel_stats"] = channel_statistics(
+            fp32, [p.between for p in find_centerable(fp32, ctx.protected)], data)
+        fp32 = run_pipeline(fp32, ["center_channels"], ctx)
     if equalize:
         from graphquant.passes.equalize_cross_layer import channel_statistics, find_pairs
 
+        ctx.options["equalize_criterion"] = "ranges" if equalize is True else equalize
         pairs = find_pairs(fp32, ctx.protected)
         ctx.options["channel_stats"] = channel_statistics(
             fp32, [p.between for p in pairs], data)

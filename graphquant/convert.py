@@ -66,8 +66,8 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
             debug: bool = False, histograms: Optional[bool] = None,
             pair_weights: bool = True, shift_signed: bool = True,
             bias_correction: bool = True, fidelity=None, validation=None,
-            measure_fallback_speed: bool = False, equalize: bool = False,
-            weight_rounding: bool = False) -> ConversionResult:
+            measure_fallback_speed: bool = False, equalize: Union[bool, str] = False,
+            weight_rounding: bool = False, center_channels: bool = True) -> ConversionResult:
     """Quantize ``graph`` (GraphDef or path) to int8, calibrating on ``calib``.
 
     ``calib``: a .npy (one input; first axis = samples), a .npz (one array per
@@ -94,6 +94,11 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     ``weight_rounding``: error-compensating weight rounding against the calibration
     inputs (:mod:`graphquant.weight_rounding`; off by default: better on MTCNN, det and
     vgg, worse on fer_mini_xception's held-out faces, BUILD_NOTES).
+    ``center_channels``: channels between a depthwise conv and an unpadded conv reading it
+    centred on their calibrated ranges where the 8-bit step drops to 0.75 or less
+    (:mod:`graphquant.passes.center_channels`; on: fer_mini_xception's separable convs).
+    ``equalize``: True (weight ranges equalized) or "activation" (channel scales of
+    least expected noise, :mod:`graphquant.passes.equalize_cross_layer`).
     """
     graph_def = as_graph_def(graph)
     ctx = make_context(graph_def, inputs, outputs, debug=debug)
@@ -106,7 +111,8 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
                                    image_spec=image_spec, kind="validation")
     tgt = target_mod.resolve(target)
     fp32 = run_pipeline(graph_def, CLEANUP_PIPELINE, ctx)
-    fp32 = accuracy.before_calibration(fp32, ctx, data, equalize=equalize)   # issue 6
+    fp32 = accuracy.before_calibration(fp32, ctx, data, equalize=equalize,   # issue 6
+                                       center_channels=center_channels)
 
     extra = {} if percentile is None else {"percentile": percentile}
     auto = calibration.startswith("auto")   # issue 6: graphquant/range_search.py

@@ -56,10 +56,11 @@ CALIB_SAMPLES = 16
 
 #: convert() keywords before issue 6's techniques (the configs below start from it)
 OLD = {"calibration": "minmax", "pair_weights": False, "shift_signed": False,
-       "bias_correction": False, "equalize": False}
+       "bias_correction": False, "equalize": False, "center_channels": False}
 #: issue 6's default: auto ranges, pair-limited 8-bit weights, shifted signed tensors, bias
-#: correction
-NEW = dict(OLD, calibration="auto", pair_weights=True, shift_signed=True, bias_correction=True)
+#: correction, centred channels between convs
+NEW = dict(OLD, calibration="auto", pair_weights=True, shift_signed=True, bias_correction=True,
+           center_channels=True)
 
 
 def _fid(target, validation="split"):
@@ -78,6 +79,11 @@ CONFIGS: Dict[str, dict] = {
     "all": dict(NEW, calibration="minmax"),
     "all_auto": NEW,
     "all_auto_cle": dict(NEW, equalize=True),
+    # channels between convs: scaled by least expected noise (passes/equalize_cross_layer.py),
+    # centred on their ranges (passes/center_channels.py)
+    "all_auto_nocenter": dict(NEW, center_channels=False),   # the default before center_channels
+    "all_auto_aeq": dict(NEW, center_channels=False, equalize="activation"),
+    "all_auto_center_aeq": dict(NEW, equalize="activation"),
     "weight_rounding": dict(NEW, weight_rounding=True),   # graphquant/weight_rounding.py
     "no_fallback": dict(OLD, max_layer_error=None),
     "all_auto_no_fallback": dict(NEW, max_layer_error=None),
