@@ -83,8 +83,7 @@ flags.DEFINE_bool("equalize", False, "Cross-layer weight equalization of conv ->
                   "before quantizing (where it lowers the expected error).", flag_values=FLAGS)
 flags.DEFINE_string("fidelity", None, "Accuracy target, e.g. top1=0.99 or rel_l2=0.02: keep "
                     "in fp32 the layers whose fallback helps most per multiply-add until the int8 "
-                    "graph meets it on --validation data (top1 counts a sample that lost half "
-                    "its top-1 margin as a miss; at most 5 + log2(layers) evaluations).",
+                    "graph meets it on --validation data (at most 5 + log2(layers) evaluations).",
                     flag_values=FLAGS)
 flags.DEFINE_string("validation", None, "Data for --fidelity (same forms as --calib; "
                     "default: the calibration data).", flag_values=FLAGS)

@@ -139,39 +139,40 @@ def test_remeasured_orders_keep_the_search_within_its_bound(n, need, fixes):
             assert hooks and len(chosen) <= hooks[-1] + len(good)
 
 
-def test_top1_counts_samples_that_lost_half_their_margin_as_misses():
+def test_top1_counts_samples_that_lost_a_share_of_their_margin_as_misses():
     ref = np.array([[3.0, 1.0], [2.0, 1.0], [0.0, 4.0], [1.0, 0.5]])      # margins 2, 1, 4, .5
     shift = np.array([[-1.2, 0.0], [-0.4, 0.0], [0.0, 0.0], [0.0, 0.6]])
-    # sample 0 lost 60% of its margin (at risk), sample 1 40% (safe), sample 3 flipped
-    assert top1_at_risk(ref, ref + shift) == pytest.approx(1 - 2 / 4)
-    assert metrics.topk_agreement(ref, ref + shift, 1) == pytest.approx(3 / 4)
-    assert top1_at_risk(ref, ref) == 1.0
-    assert top1_at_risk(ref, ref - shift) == 1.0            # margins that grow are safe
+    # sample 0 lost 60% of its margin, sample 1 40%, sample 3 flipped
+    assert top1_at_risk(ref, ref + shift) == metrics.topk_agreement(ref, ref + shift, 1) == 0.75
+    assert top1_at_risk(ref, ref + shift, at_risk=0.5) == pytest.approx(1 - 2 / 4)
+    assert top1_at_risk(ref, ref + shift, at_risk=0.3) == pytest.approx(1 - 3 / 4)
+    assert top1_at_risk(ref, ref, at_risk=0.5) == 1.0
+    assert top1_at_risk(ref, ref - shift, at_risk=0.5) == 1.0      # margins that grow: safe
     # Softmax outputs are compared in log space: the margins are logit differences
     soft = lambda z: np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    assert top1_at_risk(soft(ref), soft(ref + shift), log=True) == pytest.approx(0.5)
+    assert top1_at_risk(soft(ref), soft(ref + shift), log=True, at_risk=0.5) == \
+        pytest.approx(0.5)
     assert measure(FidelityTarget("top1", 0.99), [soft(ref)], [soft(ref + shift)],
-                   [True]) == pytest.approx(0.5)
+                   [True]) == pytest.approx(0.75)
 
 
-def test_a_fallback_that_only_unflips_a_sample_is_not_enough():
-    """The ranking and the prediction count a sample that keeps less than half its margin
-    as a miss: the island restoring the flipped sample alone is predicted to miss the
-    target while another sample stays at risk; the one restoring both meets it."""
+def test_the_ranking_counts_a_sample_about_to_flip():
+    """Two islands restore the flipped sample at the same cost; the one that also restores
+    the sample that lost 60% of its margin (not flipped) goes first."""
     reference = [np.array([[0.9, 0.1], [0.52, 0.48], [0.2, 0.8], [0.7, 0.3]])]
     int8 = [np.array([[0.9, 0.1], [0.47, 0.53], [0.2, 0.8], [0.58, 0.42]])]
-    # row 1 flipped, row 3 lost 0.24 of its 0.4 margin
     unflip = np.zeros((4, 2))
     unflip[1] = [-0.05, 0.05]                                  # int8 minus fallback
     both = unflip.copy()
     both[3] = [-0.12, 0.12]
     target = FidelityTarget("top1", 0.99)
     prediction = Prediction(target, reference, int8, [np.arange(4)], [True])
-    assert prediction.metric(prediction.change) == pytest.approx(0.5)
-    assert prediction.metric([prediction.change[0] - unflip]) == pytest.approx(0.75)
+    assert prediction.metric(prediction.change) == pytest.approx(0.75)
+    assert prediction.loss([prediction.change[0] - both]) < prediction.loss(
+        [prediction.change[0] - unflip])
     order, predicted = fallback_order(prediction, {"unflip": [unflip], "both": [both]},
-                                      {"unflip": 1.0, "both": 3.0})
-    assert order == ["both"] and predicted[-1] == 1.0
+                                      {"unflip": 1.0, "both": 1.0})
+    assert order == ["both"] and predicted == [pytest.approx(0.75), 1.0]
 
 
 def small_net():
