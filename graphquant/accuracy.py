@@ -34,7 +34,7 @@ from typing import Dict, Optional, Tuple
 from tensorflow.core.framework import graph_pb2
 
 from graphquant.bias_correction import bias_corrections
-from graphquant.calibrate import CalibrationStats, collect_statistics
+from graphquant.calibrate import CalibrationStats, collect_statistics, derived_statistics
 from graphquant.execute import tensor_shapes
 from graphquant.pipeline import run_pipeline
 from graphquant.ranges import plan_ranges
@@ -78,16 +78,20 @@ def after_calibration(fp32: graph_pb2.GraphDef, ranges: Dict[str, Range], ctx, d
         ctx.options.update(ranges=dict(ranges), shapes=tensor_shapes(fp32))
         fp32 = run_pipeline(fp32, ["shift_signed_activations"], ctx)
         ranges = ctx.options["ranges"]
-        if stats is not None:
+        if stats is not None:   # the shifted tensors' statistics: derived, else measured
             new = sorted(t for t in ranges if t not in stats.tensors)
-            if new:
-                stats.tensors.update(collect_statistics(fp32, new, data).tensors)
+            derived = {t: derived_statistics(fp32, t, stats.tensors) for t in new}
+            stats.tensors.update({t: s for t, s in derived.items() if s is not None})
+            rest = [t for t, s in derived.items() if s is None]
+            if rest:
+                stats.tensors.update(collect_statistics(fp32, rest, data).tensors)
     if weight_rounding:   # before bias correction, which measures the rounded weights
         from graphquant.weight_rounding import rounded_weights
 
         ctx.options["rounded_weights"] = rounded_weights(
             fp32, plan_ranges(fp32, ranges), data, ctx, centered=bias_correction)
     if bias_correction:
-        ctx.options["bias_corrections"] = bias_corrections(fp32, plan_ranges(fp32, ranges),
-                                                           data, ctx)
+        ctx.options["bias_corrections"] = bias_corrections(
+            fp32, plan_ranges(fp32, ranges), data, ctx,
+            mean_maps=getattr(stats, "mean_maps", None))
     return fp32, ranges

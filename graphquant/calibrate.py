@@ -57,7 +57,7 @@ from tensorflow.core.framework import graph_pb2
 
 from graphquant.errors import CalibrationDataError, GraphQuantError, NodeNotFoundError
 from graphquant.execute import GraphRunner, import_graph
-from graphquant.graph import GraphIndex, canonical_tensor, node_name, suggest_names
+from graphquant.graph import GraphIndex, canonical_tensor, const_value, node_name, suggest_names
 from graphquant.runtime import tf
 
 METHODS = ("minmax", "kl", "percentile", "mse")
@@ -85,6 +85,7 @@ class TensorStats:
         self.shape: Optional[Tuple[int, ...]] = None   # shape of the first fetched value
         self.bound = _TINY
         self.counts = np.zeros(2 * HIST_BINS, np.int64) if histogram else None
+        self.minmax_only = False        # every method gives the minmax range (no_histogram)
 
     # ---- accumulation
     def update(self, value) -> None:
@@ -134,6 +135,43 @@ class TensorStats:
         if bound > self.bound:
             self._grow(bound)
         self.counts += _merge_up(np.asarray(counts, np.int64), bound, self.bound)
+
+    def plus(self, c: float, name: str) -> "TensorStats":
+        """The statistics of ``x + c`` (Python float arithmetic on min and max; the
+        histogram moves each bin's centre, so it is exact to a bin width of the old and
+        the new bound)."""
+        out = TensorStats(name, histogram=self.counts is not None)
+        out.count, out.nonfinite, out.shape = self.count, self.nonfinite, self.shape
+        if not self.count:
+            return out
+        out.min, out.max = float(np.float32(self.min + c)), float(np.float32(self.max + c))
+        if self.counts is not None:
+            out._add_points(self.edges[:-1] + self.bin_width / 2 + c, self.counts)
+        return out
+
+    def padded(self, value: float, extra: int, name: str) -> "TensorStats":
+        """The statistics once ``extra`` copies of ``value`` are added (a Pad's border)."""
+        out = TensorStats(name, histogram=self.counts is not None)
+        out.count, out.nonfinite, out.shape = self.count + extra, self.nonfinite, self.shape
+        out.min, out.max = min(self.min, value), max(self.max, value)
+        if self.counts is not None:
+            out.bound = self.bound
+            out.counts = self.counts.copy()
+            out._add_points(np.array([value]), np.array([extra]))
+        return out
+
+    def _add_points(self, values: np.ndarray, counts: np.ndarray) -> None:
+        used = counts > 0
+        values, counts = values[used], counts[used]
+        if not len(values):
+            return
+        bound = _pow2_above(float(np.abs(values).max()))
+        if bound > self.bound:
+            self._grow(bound)
+        index = np.clip(np.floor(values * (HIST_BINS / self.bound)) + HIST_BINS,
+                        0, 2 * HIST_BINS - 1).astype(np.intp)
+        self.counts += np.bincount(index, weights=counts,
+                                   minlength=2 * HIST_BINS).astype(np.int64)
 
     def _grow(self, bound: float) -> None:
         """Raise ``self.bound`` to ``bound`` (a larger power of two), merging bins."""
@@ -192,6 +230,71 @@ class TensorStats:
                 + (f" nonfinite={self.nonfinite}" if self.nonfinite else "") + ">")
 
 
+class MeanMaps:
+    """The mean over the calibration samples of whole tensors (every position kept), per
+    group of feeds with equal input shapes, for statistics that are linear in a tensor.
+
+    ``groups[key]`` is ``(samples, {tensor: mean})`` with each mean shaped like one
+    sample (axis 0 of length 1).  A feed of ``b`` samples adds ``b / len(axis 0)`` times
+    its axis-0 sum, so a tensor whose axis 0 holds several rows per sample (a MatMul
+    input reshaped from ``[b, T, K]``) averages its rows the way a per-feed mean does.
+    ``graph_def`` is the graph the tensors were measured in; ``check_feed`` (the
+    first feed) and ``check_values`` (the tensors' values on it) let a user of
+    the maps find out what a tensor of the same name computes in a graph
+    rewritten since.  Feeds of more than :data:`MAX_GROUPS` distinct shapes make
+    the maps unavailable (``groups`` None).
+    """
+
+    MAX_GROUPS = 4
+
+    def __init__(self, graph_def: graph_pb2.GraphDef, tensors: Sequence[str]):
+        self.graph_def = graph_def
+        self.tensors = list(tensors)
+        self.groups: Optional[Dict[tuple, list]] = {}
+        self.per_row: set = set()   # axis 0 is not one row per sample: a mean over rows only
+        self.check_feed: Optional[Dict[str, np.ndarray]] = None
+        self.check_values: Dict[str, np.ndarray] = {}
+
+    def add(self, feeds: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> None:
+        if self.check_feed is None:
+            self.check_feed = {k: np.array(v) for k, v in feeds.items()}
+            self.check_values = {name: np.array(values[name]) for name in self.tensors}
+        if self.groups is None:
+            return
+        key = tuple(sorted((k, np.shape(v)[1:]) for k, v in feeds.items()))
+        group = self.groups.get(key)
+        if group is None:
+            if len(self.groups) == self.MAX_GROUPS:
+                self.groups = None
+                return
+            group = self.groups[key] = [0, {}]
+        samples = _feed_samples(feeds)
+        group[0] += samples
+        sums = group[1]
+        for name in self.tensors:
+            value = np.asarray(values[name])
+            if value.ndim == 0 or not value.shape[0]:
+                continue
+            part = value.sum(axis=0, keepdims=True, dtype=np.float64)
+            if value.shape[0] != samples:
+                part *= samples / value.shape[0]
+                self.per_row.add(name)
+            if name in sums and sums[name].shape == part.shape:
+                sums[name] += part
+            elif name in sums:       # a tensor whose shape varies inside one group
+                sums[name] = None
+            else:
+                sums[name] = part
+
+    def means(self) -> List[Tuple[int, Dict[str, np.ndarray]]]:
+        """``[(samples, {tensor: mean as float32})]`` per group (empty when unavailable)."""
+        out = []
+        for samples, sums in (self.groups or {}).values():
+            out.append((samples, {name: (total / samples).astype(np.float32)
+                                  for name, total in sums.items() if total is not None}))
+        return out
+
+
 @dataclass
 class CalibrationStats:
     """The statistics of every calibrated tensor, keyed by the names the caller gave."""
@@ -203,6 +306,7 @@ class CalibrationStats:
     seconds_stats: float = 0.0      # accumulating statistics
     source: str = ""
     notes: List[str] = field(default_factory=list)
+    mean_maps: Optional[MeanMaps] = None    # with ``mean_tensors=`` (bias correction)
 
     def __getitem__(self, name: str) -> TensorStats:
         return self.tensors[name]
@@ -216,6 +320,50 @@ class CalibrationStats:
                 "seconds_run": round(self.seconds_run, 3),
                 "seconds_stats": round(self.seconds_stats, 3),
                 "tensors": [s.summary() for s in self.tensors.values()]}
+
+
+def derived_statistics(graph_def: graph_pb2.GraphDef, tensor: str,
+                       known: Mapping[str, TensorStats]) -> Optional[TensorStats]:
+    """The statistics of ``tensor`` derived without running the graph, where it is
+    ``x + c`` (AddV2/Add/Sub of a scalar Const) or a constant Pad of a tensor ``x``
+    whose statistics are ``known`` (or derivable so), else None."""
+    index = GraphIndex(graph_def)
+
+    def derive(name: str, depth: int) -> Optional[TensorStats]:
+        name = canonical_tensor(name)
+        if name in known:
+            return known[name]
+        node = index.nodes.get(node_name(name))
+        if node is None or depth > 8 or not name.endswith(":0"):
+            return None
+        inputs = [i for i in node.input if not i.startswith("^")]
+        consts = [const_value(index.node(i)) if index.node(i).op == "Const" else None
+                  for i in inputs]
+        if node.op in ("AddV2", "Add", "Sub") and len(inputs) == 2:
+            for k in (0, 1):
+                c = consts[1 - k]
+                if consts[k] is None and c is not None and np.size(c) == 1:
+                    if node.op == "Sub" and k == 1:
+                        return None           # c - x
+                    x = derive(inputs[k], depth + 1)
+                    c = float(np.reshape(c, ())) * (-1.0 if node.op == "Sub" else 1.0)
+                    return None if x is None else x.plus(c, name)
+        if node.op in ("Pad", "PadV2") and consts[0] is None and consts[1] is not None:
+            value = float(np.reshape(consts[2], ())) if len(inputs) > 2 and consts[2] is not None \
+                else 0.0
+            x = derive(inputs[0], depth + 1)
+            if x is None or x.shape is None or len(x.shape) != len(consts[1]):
+                return None
+            shape = np.array(x.shape, np.int64)
+            padded = shape + np.asarray(consts[1], np.int64).sum(axis=1)
+            per_value = x.count / max(int(np.prod(shape)), 1)     # values seen per position
+            extra = int(round(per_value * (int(np.prod(padded)) - int(np.prod(shape)))))
+            out = x.padded(value, extra, name)
+            out.shape = tuple(int(d) for d in padded)
+            return out
+        return None
+
+    return derive(tensor, 0)
 
 
 def _merge_up(counts: np.ndarray, bound: float, new_bound: float) -> np.ndarray:
@@ -247,7 +395,9 @@ def collect_statistics(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
                        data: Iterable[Mapping[str, np.ndarray]], *, histograms: bool = True,
                        progress: Optional[Progress] = None,
                        threads: Optional[int] = None,
-                       in_graph: bool = False) -> CalibrationStats:
+                       in_graph: bool = False,
+                       mean_tensors: Sequence[str] = (),
+                       no_histogram: Sequence[str] = ()) -> CalibrationStats:
     """Run ``graph_def`` on every feed of ``data``; return the statistics of ``tensors``.
 
     ``data`` is a :class:`~graphquant.calib_data.CalibrationData` (or any
@@ -266,15 +416,27 @@ def collect_statistics(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
     slower here (Keras ResNet50, 225 tensors, 8 images, 4 runs each on a
     loaded 2-core machine: 10-16 s vs 5-11 s; with histograms 31-37 s vs
     9-12 s), hence off by default.
+
+    ``mean_tensors``: float tensors whose whole mean over the samples is kept
+    too (:class:`MeanMaps`, in ``stats.mean_maps``); they are fetched whole.
+    ``no_histogram``: tensors that only need min and max even with
+    ``histograms`` (binning every value was most of calibration's time:
+    ResNet50, 37 M values an image, ~0.25 s of numpy against ~0.06 s for the run).
     """
     names = list(dict.fromkeys(tensors))
     fetches = list(dict.fromkeys(canonical_tensor(n) for n in names))
-    _check_tensor_names(graph_def, fetches)
-    stats = {f: TensorStats(f, histogram=histograms) for f in fetches}
+    means = list(dict.fromkeys(canonical_tensor(n) for n in mean_tensors))
+    _check_tensor_names(graph_def, fetches + means)
+    skip = {canonical_tensor(n) for n in no_histogram}
+    stats = {f: TensorStats(f, histogram=histograms and f not in skip) for f in fetches}
+    for f in skip & set(stats):
+        stats[f].minmax_only = True
     if in_graph:
-        reduced_graph, reduced, raw = _add_reductions(graph_def, fetches, histograms)
+        reduced_graph, reduced, raw = _add_reductions(graph_def, fetches, histograms, skip)
     else:
         reduced_graph, reduced, raw = graph_def, [], fetches
+    mean_maps = MeanMaps(graph_def, means) if means else None
+    raw = raw + [m for m in means if m not in raw]
     run_names = [name for r in reduced for name in r.outputs] + raw
     total = getattr(data, "num_samples", None)
     done = feeds_run = 0
@@ -284,7 +446,7 @@ def collect_statistics(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
     # more than the runs: ResNet50, 180 tensors, 4 feeds: 3.2 s CPU for the
     # first run and ~460 ms per run after, 0.9 s and ~260 ms without)
     with GraphRunner(reduced_graph, run_names, threads=threads, grappler=False) as runner, \
-            _Accumulator(graph_def, stats, reduced, raw, threads) as accumulator, \
+            _Accumulator(graph_def, stats, reduced, raw, threads, mean_maps) as accumulator, \
             ThreadPoolExecutor(max_workers=1) as worker:
         pending = None      # the previous feed's statistics, reduced while the next one runs
         for feeds in data:
@@ -305,7 +467,7 @@ def collect_statistics(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
                                    "give at least one calibration sample")
     return CalibrationStats({n: stats[canonical_tensor(n)] for n in names}, done, feeds_run,
                             run_seconds + accumulator.seconds_run, accumulator.seconds_stats,
-                            getattr(data, "source", ""))
+                            getattr(data, "source", ""), mean_maps=mean_maps)
 
 
 class _Accumulator:
@@ -316,17 +478,21 @@ class _Accumulator:
     :meth:`TensorStats.update`."""
 
     def __init__(self, graph_def, stats: Dict[str, TensorStats], reduced: List["_Reduction"],
-                 raw: List[str], threads: Optional[int]):
+                 raw: List[str], threads: Optional[int], mean_maps: Optional[MeanMaps] = None):
         self.graph_def, self.stats, self.reduced, self.raw = graph_def, stats, reduced, raw
-        self.threads = threads
+        self.threads, self.mean_maps = threads, mean_maps
         self.fallback: Optional[GraphRunner] = None
         self.seconds_run = self.seconds_stats = 0.0
 
     def add(self, feeds: Mapping[str, np.ndarray], values: Sequence[np.ndarray]) -> None:
         start = time.perf_counter()
         redo = self._add_reduced(values[:sum(len(r.outputs) for r in self.reduced)])
-        for tensor, value in zip(self.raw, values[len(values) - len(self.raw):]):
-            self.stats[tensor].update(value)
+        whole = dict(zip(self.raw, values[len(values) - len(self.raw):]))
+        for tensor, value in whole.items():
+            if tensor in self.stats:
+                self.stats[tensor].update(value)
+        if self.mean_maps is not None:
+            self.mean_maps.add(feeds, whole)
         self.seconds_stats += time.perf_counter() - start
         if redo:
             self._add_whole(feeds, redo)
@@ -374,7 +540,8 @@ class _Reduction:
 _SCOPE = "graphquant_calibration"
 
 
-def _add_reductions(graph_def: graph_pb2.GraphDef, fetches: Sequence[str], histograms: bool):
+def _add_reductions(graph_def: graph_pb2.GraphDef, fetches: Sequence[str], histograms: bool,
+                    no_histogram=frozenset()):
     """``graph_def`` plus, per float32 tensor, ops reducing it to what TensorStats keeps.
 
     Per tensor: size, min, max and sum (a NaN/Inf anywhere makes one of them
@@ -399,7 +566,7 @@ def _add_reductions(graph_def: graph_pb2.GraphDef, fetches: Sequence[str], histo
                 flat = t.reshape(tensor, [-1])
                 lo, hi = t.reduce_min(flat), t.reduce_max(flat)
                 outs = [t.size(flat, out_type=t.int64), lo, hi, t.reduce_sum(flat)]
-                if histograms:
+                if histograms and name not in no_histogram:
                     absmax = t.maximum(-lo, hi)
                     biased = t.bitwise.right_shift(t.bitcast(absmax, t.int32), 23) & 0xFF
                     bound_exp = t.maximum(biased - 126, min_exp)   # absmax < 2**bound_exp
@@ -452,7 +619,9 @@ def calibrate(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
               methods: Optional[Mapping[str, str]] = None,
               percentile: float = DEFAULT_PERCENTILE, num_bits: int = 8,
               progress: Optional[Progress] = None, threads: Optional[int] = None,
-              histograms: Optional[bool] = None, in_graph: bool = False) -> Calibration:
+              histograms: Optional[bool] = None, in_graph: bool = False,
+              mean_tensors: Sequence[str] = (), no_histogram: Sequence[str] = ()
+              ) -> Calibration:
     """Run the fp32 graph on ``data`` and return ``(ranges, stats)`` for ``tensors``.
 
     ``ranges`` maps each name in ``tensors`` (as given) to ``(min, max)`` chosen
@@ -460,14 +629,16 @@ def calibrate(graph_def: graph_pb2.GraphDef, tensors: Sequence[str],
     statistics for the report and for re-computing ranges with another method
     (:func:`compute_ranges`) without running the graph again; histograms are
     collected unless every method is ``minmax`` (force with ``histograms=True``).
-    ``in_graph``: see :func:`collect_statistics`.
+    ``in_graph``, ``mean_tensors``, ``no_histogram``: see :func:`collect_statistics`;
+    a tensor without a histogram gets its ``minmax`` range.
     """
     methods = dict(methods or {})
     _check_options(method, methods, percentile, num_bits, tensors)
     if histograms is None:
         histograms = any(m != "minmax" for m in [method, *methods.values()])
     stats = collect_statistics(graph_def, tensors, data, histograms=histograms,
-                               progress=progress, threads=threads, in_graph=in_graph)
+                               progress=progress, threads=threads, in_graph=in_graph,
+                               mean_tensors=mean_tensors, no_histogram=no_histogram)
     return Calibration(compute_ranges(stats, method, methods=methods, percentile=percentile,
                                       num_bits=num_bits), stats)
 
@@ -512,7 +683,7 @@ def tensor_range(stats: TensorStats, method: str = "minmax", *,
     """
     if not stats.count:
         return (0.0, 0.0)
-    if method == "minmax":
+    if method == "minmax" or stats.minmax_only:
         return (stats.min, stats.max)
     if method == "percentile":
         lo = stats.percentile(100.0 - percentile) if stats.min < 0 else 0.0

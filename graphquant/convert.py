@@ -38,12 +38,13 @@ from graphquant import range_search
 from graphquant import target as target_mod
 from graphquant.api import GraphLike, as_graph_def, make_context, split_names
 from graphquant.calib_data import open_data
+from graphquant.bias_correction import mean_tensors
 from graphquant.calibrate import calibrate
 from graphquant.execute import tensor_shapes
 from graphquant.graph import const_value, make_const
 from graphquant.pipeline import (CLEANUP_PIPELINE, ISLAND_PASSES, JOIN_PASSES, QUANTIZE_PIPELINE,
                                  RANGE_PASSES, PassContext, run_pipeline)
-from graphquant.ranges import calibration_tensors, plan_ranges
+from graphquant.ranges import calibration_tensors, fused_intermediates, plan_ranges
 from graphquant.report import ConversionReport
 from graphquant.sensitivity import island_errors
 
@@ -118,7 +119,9 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     auto = calibration.startswith("auto")   # issue 6: graphquant/range_search.py
     ranges, stats = calibrate(fp32, calibration_tensors(fp32), data,
                               method="minmax" if auto else calibration, progress=progress,
-                              histograms=True if auto else histograms, **extra)
+                              histograms=True if auto else histograms,
+                              mean_tensors=mean_tensors(fp32) if bias_correction else (),
+                              no_histogram=fused_intermediates(fp32), **extra)
     if auto:
         ranges = range_search.auto_ranges(stats, range_search.gain_of(calibration))[0]
     ctx.options.update(per_tensor=per_tensor, target=tgt, exclude=set(split_names(exclude)),

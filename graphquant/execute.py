@@ -65,11 +65,18 @@ class GraphRunner:
         self._fetch_tensors = [self.graph.get_tensor_by_name(f) for f in self.fetches]
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
+        return self.fetch(feeds, self._fetch_tensors)
+
+    def fetch(self, feeds: Mapping[str, np.ndarray], fetches: Sequence) -> List[np.ndarray]:
+        """Run once fetching ``fetches`` (tensor names or tensors of :attr:`graph`) instead
+        of the runner's own; ``feeds`` may name any tensor of the graph."""
         t = tf()
         feed_dict = {self.graph.get_tensor_by_name(canonical_tensor(k)): v
                      for k, v in feeds.items()}
+        fetches = [self.graph.get_tensor_by_name(canonical_tensor(f)) if isinstance(f, str)
+                   else f for f in fetches]
         try:
-            return self.session.run(self._fetch_tensors, feed_dict)
+            return self.session.run(fetches, feed_dict)
         except (ValueError, TypeError) as exc:  # feed shape / dtype refused before running
             raise GraphQuantError(f"cannot feed the graph: {_first_line(exc)}",
                                   "check input shapes and dtypes against `graphquant inspect`"

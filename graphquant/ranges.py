@@ -62,6 +62,32 @@ def calibration_tensors(graph_def: graph_pb2.GraphDef) -> List[str]:
     return list(wanted)
 
 
+def fused_intermediates(graph_def: graph_pb2.GraphDef) -> List[str]:
+    """Calibrated tensors that never become an int8 tensor: a conv/depthwise/matmul
+    output read only by the BiasAdd of a Const bias, and that BiasAdd's output when
+    read only by a Relu/Relu6.  The quantize passes fuse such chains into one op
+    whose range is the chain's last tensor; if the op stays fp32 no range is used.
+    Their min and max are still measured; they need no histogram."""
+    index = GraphIndex(graph_def)
+    out = []
+    for node in graph_def.node:
+        if node.op not in ("Conv2D", "DepthwiseConv2dNative", "MatMul"):
+            continue
+        readers = index.consumers(node.name)
+        if len(readers) != 1:
+            continue
+        bias, position = readers[0]
+        if (bias.op != "BiasAdd" or position != 0 or ":" in bias.input[0]
+                or index.node(bias.input[1]).op != "Const"):
+            continue
+        out.append(canonical_tensor(node.name))
+        after = index.consumers(bias.name)
+        if (len(after) == 1 and after[0][0].op in ("Relu", "Relu6")
+                and ":" not in after[0][0].input[after[0][1]]):
+            out.append(canonical_tensor(bias.name))
+    return out
+
+
 def _inside_switch_branches(index: GraphIndex, in_loop) -> set:
     """Names of nodes reachable from a cond's Switch without passing its Merge (a TF1
     while loop's own Switch and Merge nodes, in ``in_loop``, are neither)."""

@@ -134,3 +134,99 @@ def test_output_shifts_are_zero_without_weight_error():
     gd, _ = build_graph(relu_then(op, RNG.normal(0, 1, shape).astype(np.float32)), x=x_shape)
     assert output_shifts(gd, {"Conv2D": np.zeros(shape, np.float32)},
                          [{"x:0": np.ones(x_shape, np.float32)}]) == {}
+
+
+# --------------------------------------------------------------------------- from calibration means
+def _maps(gd, feeds):
+    from graphquant.bias_correction import mean_tensors
+    from graphquant.calibrate import collect_statistics
+
+    return collect_statistics(gd, calibration_tensors(gd), feeds,
+                              mean_tensors=mean_tensors(gd)).mean_maps
+
+
+def _random_deltas(gd):
+    from graphquant.int8_rewrite import WEIGHTED_OPS
+    from graphquant.graph import GraphIndex, const_value
+
+    index = GraphIndex(gd)
+    return {n.name: RNG.normal(0, 0.01, const_value(index.node(n.input[1])).shape
+                               ).astype(np.float32)
+            for n in gd.node if n.op in WEIGHTED_OPS}
+
+
+@pytest.mark.parametrize("kind", sorted(OPS))
+def test_shifts_from_calibration_means_equal_the_per_feed_shifts(kind):
+    from graphquant.bias_correction import shifts_from_means
+
+    op, shape, x_shape = OPS[kind]
+    gd, _ = build_graph(relu_then(op, RNG.normal(0, 0.2, shape).astype(np.float32)), x=x_shape)
+    feeds = [{"x:0": RNG.normal(0.5, 1, x_shape).astype(np.float32)} for _ in range(5)]
+    deltas = _random_deltas(gd)
+    shifts, rest = shifts_from_means(gd, deltas, _maps(gd, feeds))
+    assert rest == {} and sorted(shifts) == sorted(deltas)
+    expected = output_shifts(gd, deltas, feeds)
+    for name in deltas:
+        np.testing.assert_allclose(shifts[name], expected[name], rtol=1e-4, atol=1e-7)
+
+
+def test_means_of_several_shapes_and_rows_per_sample_weigh_like_the_feeds():
+    from graphquant.bias_correction import shifts_from_means
+
+    t = tf()
+    w = RNG.normal(0, 0.2, (8, 5)).astype(np.float32)
+
+    def body(x):      # [b, 3, 8] -> [3b, 8] rows: three rows per sample
+        rows = t.reshape(t.nn.relu(x), [-1, 8])
+        return t.identity(t.linalg.matmul(rows, t.constant(w)), name="out")
+
+    gd, _ = build_graph(body, x=[None, 3, 8])
+    feeds = [{"x:0": RNG.normal(0.5, 1, (b, 3, 8)).astype(np.float32)} for b in (1, 4, 2)]
+    deltas = _random_deltas(gd)
+    maps = _maps(gd, feeds)
+    assert maps.per_row            # the MatMul input holds 3 rows per sample
+    shifts, rest = shifts_from_means(gd, deltas, maps)
+    expected = output_shifts(gd, deltas, feeds)
+    assert rest == {}
+    for name in deltas:
+        np.testing.assert_allclose(shifts[name], expected[name], rtol=1e-4, atol=1e-7)
+
+
+def test_inputs_shifted_after_calibration_are_found_or_measured_per_feed():
+    """shift_signed_activations rewrites after calibration: a shifted tensor under its old
+    name (after a MaxPool) is the measured mean plus a constant; the results equal the
+    per-feed ones."""
+    from graphquant.bias_correction import constant_offset, shifts_from_means
+    from graphquant.execute import tensor_shapes
+    from graphquant.pipeline import run_pipeline
+
+    t = tf()
+    w1 = RNG.normal(0, 0.3, (3, 3, 4, 8)).astype(np.float32)
+    w2 = RNG.normal(0, 0.3, (1, 1, 8, 6)).astype(np.float32)
+    w3 = RNG.normal(0, 0.3, (3, 3, 8, 5)).astype(np.float32)
+
+    def body(x):
+        y = t.nn.bias_add(t.nn.conv2d(x, t.constant(w1), 1, "SAME"), t.constant(
+            np.linspace(-1, 1, 8).astype(np.float32)))          # signed, no Relu
+        p = t.nn.max_pool2d(y, 2, 2, "VALID")
+        a = t.nn.conv2d(p, t.constant(w2), 1, "VALID")          # 1x1 reader of the MaxPool
+        b = t.nn.conv2d(y, t.constant(w3), 1, "SAME")           # padded reader of y
+        return t.identity(a, name="a"), t.identity(b, name="b")
+
+    gd, outs = build_graph(body, x=[1, 8, 8, 4])
+    feeds = [{"x:0": RNG.normal(0, 1, (1, 8, 8, 4)).astype(np.float32)} for _ in range(4)]
+    maps = _maps(gd, feeds)
+    ranges, _ = calibrate(gd, calibration_tensors(gd), feeds)
+    ctx = ctx_avx2(ranges=dict(ranges), shapes=tensor_shapes(gd))
+    ctx.outputs = [o.split(":")[0] for o in outs]
+    shifted = run_pipeline(gd, ["shift_signed_activations"], ctx)
+    assert any(n.name.endswith("/shifted") for n in shifted.node)
+    deltas = _random_deltas(shifted)
+    shifts, rest = shifts_from_means(shifted, deltas, maps)
+    expected = output_shifts(shifted, deltas, feeds)
+    # every input's mean was found: x through Pad/AddV2, the MaxPool's as measured + lo
+    assert rest == {} and sorted(shifts) == sorted(expected)
+    for name in shifts:
+        np.testing.assert_allclose(shifts[name], expected[name], rtol=1e-4, atol=1e-6)
+    assert constant_offset(np.float32([1, 2, 3]), np.float32([0.5, 1.5, 2.5])) == -0.5
+    assert constant_offset(np.float32([1, 2, 3]), np.float32([1, 2, 4])) is None

@@ -373,3 +373,29 @@ def test_ranges_of_one_signed_and_short_tailed_tensors():
     thresholds, mse = mse_curve(*s.magnitude_histogram(), 256)
     assert len(thresholds) == len(mse) and thresholds[-1] >= s.max
     assert HIST_BINS * 2 == len(s.counts)
+
+
+def test_statistics_of_shifted_and_padded_tensors_are_derived_without_running():
+    from graphquant.calibrate import derived_statistics
+
+    t = tf()
+
+    def body(x):
+        p = t.pad(x, [[0, 0], [1, 1], [2, 0], [0, 0]], name="pad")
+        return t.identity(t.add(p, t.constant(np.float32(1.5)), name="shifted"), name="out")
+
+    gd, _ = build_graph(body, x=[2, 5, 5, 3])
+    feeds = [{"x:0": np.random.default_rng(k).normal(size=(2, 5, 5, 3)).astype(np.float32)}
+             for k in range(3)]
+    measured = collect_statistics(gd, ["x:0", "pad:0", "shifted:0"], feeds)
+    known = {"x:0": measured["x:0"]}
+    for name in ("pad:0", "shifted:0"):
+        got, want = derived_statistics(gd, name, known), measured[name]
+        assert (got.count, got.nonfinite) == (want.count, want.nonfinite)
+        assert got.min == pytest.approx(want.min, abs=1e-6)
+        assert got.max == pytest.approx(want.max, abs=1e-6)
+        # the histogram moves by at most a bin: its cumulative counts agree a bin apart
+        a, b = np.cumsum(got.counts), np.cumsum(want.counts)
+        assert got.bound == want.bound
+        assert np.all(a[1:] >= b[:-1]) and np.all(b[1:] >= a[:-1])
+    assert derived_statistics(gd, "out:0", known) is None      # Identity: not derived
