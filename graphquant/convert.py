@@ -117,10 +117,12 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
 
     extra = {} if percentile is None else {"percentile": percentile}
     auto = calibration.startswith("auto")   # issue 6: graphquant/range_search.py
-    ranges, stats = calibrate(fp32, calibration_tensors(fp32), data,
+    tensors = calibration_tensors(fp32)   # (not inside TF1 loops / cond branches)
+    ranges, stats = calibrate(fp32, tensors, data,
                               method="minmax" if auto else calibration, progress=progress,
                               histograms=True if auto else histograms,
-                              mean_tensors=mean_tensors(fp32) if bias_correction else (),
+                              mean_tensors=[t for t in mean_tensors(fp32) if t in set(tensors)]
+                              if bias_correction else (),
                               no_histogram=fused_intermediates(fp32), **extra)
     if auto:
         ranges = range_search.auto_ranges(stats, range_search.gain_of(calibration))[0]
