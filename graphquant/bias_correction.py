@@ -19,15 +19,18 @@ with weights ``Wq - W``, reduced to its mean per output channel::
 
     E[x] (fed) ─► op(Wq - W) ─► Mean over batch and positions ─► shift per channel
 
-Where an op's input changed after calibration (the shift of
-:mod:`graphquant.passes.shift_signed_activations`), its mean is computed in
-that run from measured means through ops that commute with the mean
-(:data:`LINEAR_OPS`: pads, adds of constants, reshapes, average pools,
-convs...).  An input that cannot be reached that way (behind a MaxPool or a
-Relu that changed), or calibration without means, gets the empirical mean
-instead: the graph runs on each calibration feed with the copies applied to the
-op's real input (:func:`output_shifts`).  ``Wq`` comes from :func:`graphquant.int8_rewrite.quantize_weights`
-with the planned input signedness, i.e. exactly what the quantize passes will
+Tensors may have changed since calibration (the shift of
+:mod:`graphquant.passes.shift_signed_activations`): a first run on the
+calibration's first feed finds each measured tensor that now computes the
+measured one plus a constant (:func:`constant_offset`; a MaxPool after a shift,
+a BiasAdd that absorbed one), fed as its mean plus that constant.  An input
+that is not measured gets its mean in the same run from measured means through
+ops that commute with the mean (:data:`LINEAR_OPS`: pads, adds of constants,
+reshapes, average pools, convs...).  An input reached neither way, or
+calibration without means, gets the empirical mean instead: the graph runs on
+each calibration feed with the copies applied to the op's real input
+(:func:`output_shifts`).  ``Wq`` comes from
+:func:`graphquant.int8_rewrite.quantize_weights` with the planned input signedness, i.e. exactly what the quantize passes will
 use.  The fp32 graph is not changed: the corrections go to
 ``ctx.options['bias_corrections']`` (node name -> float per output channel)
 and the quantize passes add them to the int8 op's bias
@@ -246,7 +249,7 @@ def shifts_from_means(graph_def: graph_pb2.GraphDef, deltas: Mapping[str, np.nda
         feeds_of = {}
         for name in sorted(fetches):
             found = sources.of_input(nodes[name])
-            if found is not None and all(t in groups[0][1] for t in found):
+            if found is not None and all(t in means for _, means in groups for t in found):
                 feeds_of[name] = found
         rest = {n: d for n, d in deltas.items() if n not in feeds_of}
         names = sorted(feeds_of)

@@ -118,10 +118,11 @@ def convert(graph: GraphLike, calib: Union[str, Iterable], *, inputs=None, outpu
     extra = {} if percentile is None else {"percentile": percentile}
     auto = calibration.startswith("auto")   # issue 6: graphquant/range_search.py
     tensors = calibration_tensors(fp32)   # (not inside TF1 loops / cond branches)
+    calibrated = set(tensors)
     ranges, stats = calibrate(fp32, tensors, data,
                               method="minmax" if auto else calibration, progress=progress,
                               histograms=True if auto else histograms,
-                              mean_tensors=[t for t in mean_tensors(fp32) if t in set(tensors)]
+                              mean_tensors=[t for t in mean_tensors(fp32) if t in calibrated]
                               if bias_correction else (),
                               no_histogram=fused_intermediates(fp32), **extra)
     if auto:
